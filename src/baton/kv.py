@@ -1,0 +1,262 @@
+"""KV caches: the shaped batch cache (vector shaping), prefilled entries, and the
+per-request caches the Orca baseline reserves.
+
+Layout choice (vector shaping with per-row write positions): the batch cache is one
+tensor per K and V, [layers, rows, kv_heads, width, head_dim]. Row r holds its
+query's tokens in columns 0..len_r-1, so a token's column equals its position and
+nothing ever moves when a longer or shorter query joins: the joining row is simply
+written from column 0 and the attention mask hides columns >= len_r (right
+padding). The width attended in a step is max(len_r) over live rows, so it tracks
+the longest live query, never the batch's age, and no compaction of columns is
+needed. Live rows are kept packed in rows 0..n-1: when a row leaves, the last live
+row is moved into its place (one row copy per departure, not per step), so every
+step computes over a contiguous slice. Capacity grows geometrically and shrinks
+when the longest query leaves, so reallocation is amortised, never per step.
+"""
+from __future__ import annotations
+
+from typing import Optional
+
+import torch
+
+from .models.llama import ModelConfig, attention_over_cache
+
+NEG_INF = float("-inf")
+WIDTH_ALIGN = 32  # capacity is grown in multiples of this many columns
+
+
+class KVBudgetExceeded(RuntimeError):
+    pass
+
+
+class KVBudget:
+    """Byte budget shared by every KV allocation of one engine."""
+
+    def __init__(self, limit_bytes: int):
+        if limit_bytes <= 0:
+            raise ValueError(f"kv_cache_bytes must be > 0; got {limit_bytes}")
+        self.limit = int(limit_bytes)
+        self.used = 0
+        self.peak = 0
+
+    def fits(self, extra: int) -> bool:
+        return self.used + extra <= self.limit
+
+    def take(self, nbytes: int) -> None:
+        if not self.fits(nbytes):
+            raise KVBudgetExceeded(f"KV allocation of {nbytes} B over budget ({self.used}/{self.limit} B used)")
+        self.used += nbytes
+        self.peak = max(self.peak, self.used)
+
+    def give(self, nbytes: int) -> None:
+        self.used -= nbytes
+        assert self.used >= 0
+
+
+def slot_bytes(cfg: ModelConfig, dtype: torch.dtype) -> int:
+    """Bytes of K+V for one token (one row, one column) across all layers."""
+    return cfg.kv_bytes_per_token * torch.empty((), dtype=dtype).element_size()
+
+
+def round_width(n: int) -> int:
+    return max(WIDTH_ALIGN, -(-n // WIDTH_ALIGN) * WIDTH_ALIGN)
+
+
+class ShapedKV:
+    """A rectangular K/V cache of `rows` x `width` token slots per layer.
+
+    Used for the running batch and (with one row) for a prefilled query in the pool.
+    """
+
+    def __init__(self, cfg: ModelConfig, dtype, device, budget: KVBudget, rows: int = 0, width: int = 0):
+        self.cfg, self.dtype, self.device, self.budget = cfg, dtype, torch.device(device), budget
+        self.slot = slot_bytes(cfg, dtype)
+        self.rows_cap = 0
+        self.width_cap = 0
+        self.k = self.v = None
+        self.reallocations = 0
+        if rows and width:
+            self._reallocate(rows, width, 0, 0)
+
+    @property
+    def nbytes(self) -> int:
+        return self.rows_cap * self.width_cap * self.slot
+
+    def bytes_for(self, rows: int, width: int) -> int:
+        return rows * width * self.slot
+
+    def reserve(self, rows: int, width: int, live_rows: int = 0, max_rows: Optional[int] = None) -> bool:
+        """Make room for `rows` x `width` slots, keeping the live rows' data.
+
+        Rows grow geometrically (up to max_rows) and width in aligned steps, so growth
+        is amortised; if that does not fit the budget, the exact need is tried.
+        While the old tensors are copied both exist, so both count against the
+        budget. Returns False (allocating nothing) when even the exact need does not fit."""
+        if rows <= self.rows_cap and width <= self.width_cap:
+            return True
+        live_width = min(self.width_cap, width)
+        grow_rows = max(rows, min(2 * self.rows_cap, max_rows or rows)) if rows > self.rows_cap else self.rows_cap
+        for r, w in ((grow_rows, round_width(width)), (max(rows, self.rows_cap), width)):
+            if self.budget.fits(self.bytes_for(r, w)):
+                self._reallocate(r, w, live_rows, live_width)
+                return True
+        return False
+
+    def shrink_width(self, width: int, live_rows: int) -> None:
+        """Give memory back once the longest query has left (only when capacity is
+        more than twice the need, so shrinking is amortised too)."""
+        target = round_width(width)
+        if self.width_cap > 2 * target and self.budget.fits(self.bytes_for(self.rows_cap, target)):
+            self._reallocate(self.rows_cap, target, live_rows, width)
+
+    def _reallocate(self, rows: int, width: int, live_rows: int, live_width: int) -> None:
+        new_bytes = self.bytes_for(rows, width)
+        self.budget.take(new_bytes)
+        L, H, D = self.cfg.num_layers, self.cfg.num_kv_heads, self.cfg.head_dim
+        # Zeros, not empty: masked columns get probability 0, and 0 * NaN garbage would be NaN.
+        k = torch.zeros(L, rows, H, width, D, dtype=self.dtype, device=self.device)
+        v = torch.zeros_like(k)
+        if self.k is not None and live_rows and live_width:
+            k[:, :live_rows, :, :live_width] = self.k[:, :live_rows, :, :live_width]
+            v[:, :live_rows, :, :live_width] = self.v[:, :live_rows, :, :live_width]
+        self.budget.give(self.nbytes)
+        self.k, self.v = k, v
+        self.rows_cap, self.width_cap = rows, width
+        self.reallocations += 1
+
+    def release(self) -> None:
+        self.budget.give(self.nbytes)
+        self.k = self.v = None
+        self.rows_cap = self.width_cap = 0
+
+    def move_row(self, src: int, dst: int, width: int) -> None:
+        self.k[:, dst, :, :width] = self.k[:, src, :, :width]
+        self.v[:, dst, :, :width] = self.v[:, src, :, :width]
+
+    def embed(self, row: int, entry: "ShapedKV", length: int) -> None:
+        """Copy a prefilled query's KV (row 0 of `entry`) into `row`, columns 0..length-1."""
+        self.k[:, row, :, :length] = entry.k[:, 0, :, :length]
+        self.v[:, row, :, :length] = entry.v[:, 0, :, :length]
+
+    def extract(self, row: int, length: int, budget_owner: KVBudget) -> "ShapedKV":
+        """Take row `row` out intact as a one-row entry (used to park a preempted query)."""
+        entry = ShapedKV(self.cfg, self.dtype, self.device, budget_owner, rows=1, width=length)
+        entry.k[:, 0, :, :length] = self.k[:, row, :, :length]
+        entry.v[:, 0, :, :length] = self.v[:, row, :, :length]
+        return entry
+
+
+class ShapedAttention:
+    """AttentionContext over rows 0..B-1 of a ShapedKV, columns 0..W-1."""
+
+    def __init__(self, cache: ShapedKV, starts: list[int], counts: list[int], device):
+        B = len(starts)
+        T = max(max(counts), 1)
+        self.cache, self.B = cache, B
+        self.W = max(s + c for s, c in zip(starts, counts)) if any(counts) else max(starts) + 1
+        self.W = max(self.W, 1)
+        self.scale = cache.cfg.head_dim ** -0.5
+        starts_t = torch.tensor(starts, device=device)
+        if T == 1 and all(c == 1 for c in counts):
+            # Decode: every row writes one token at its own length.
+            self.dst = (torch.arange(B, device=device), starts_t)
+            self.src = None
+        else:
+            b_idx = [b for b in range(B) for _ in range(counts[b])]
+            t_idx = [t for b in range(B) for t in range(counts[b])]
+            b_t = torch.tensor(b_idx, dtype=torch.long, device=device)
+            t_t = torch.tensor(t_idx, dtype=torch.long, device=device)
+            self.dst = (b_t, starts_t[b_t] + t_t)
+            self.src = (b_t, t_t)
+        # Token t of row b (at column starts[b]+t) sees columns <= its own; the rest
+        # (other queries' padding, stale data of a reused row) is masked out.
+        cols = torch.arange(self.W, device=device)
+        limit = starts_t.view(B, 1) + torch.arange(T, device=device).view(1, T)  # [B, T]
+        allowed = cols.view(1, 1, self.W) <= limit.unsqueeze(-1)
+        self.mask = torch.zeros(B, 1, T, self.W, device=device).masked_fill_(~allowed.unsqueeze(1), NEG_INF)
+
+    def attend(self, layer, q, k, v):
+        kc, vc = self.cache.k[layer], self.cache.v[layer]
+        if self.src is None:
+            kc[self.dst[0], :, self.dst[1]] = k[:, 0]
+            vc[self.dst[0], :, self.dst[1]] = v[:, 0]
+        else:
+            kc[self.dst[0], :, self.dst[1]] = k[self.src]
+            vc[self.dst[0], :, self.dst[1]] = v[self.src]
+        return attention_over_cache(q, kc[: self.B, :, : self.W], vc[: self.B, :, : self.W], self.mask, self.scale)
+
+
+def shaped_forward(model, cache: ShapedKV, starts: list[int], tokens: list[list[int]], want_logits: list[bool]):
+    """Vector-shaped forward over rows 0..len(starts)-1 of `cache`.
+
+    Rows feed different numbers of tokens (1 for a decode, a prompt or chunk for a
+    join, 0 for an idle seat); shorter rows are padded to the longest, padded tokens
+    write no KV. Returns (logits [N, V] for rows with want_logits, computed token-rows,
+    useful tokens)."""
+    device = model.device
+    B = len(starts)
+    counts = [len(t) for t in tokens]
+    T = max(max(counts), 1)
+    ids = torch.zeros(B, T, dtype=torch.long)
+    pos = torch.zeros(B, T, dtype=torch.long)
+    for b in range(B):
+        n = counts[b]
+        if n:
+            ids[b, :n] = torch.tensor(tokens[b])
+        pos[b] = torch.arange(starts[b], starts[b] + T)
+    logit_rows = [b for b in range(B) if want_logits[b] and counts[b]]
+    li = (torch.tensor(logit_rows, dtype=torch.long, device=device),
+          torch.tensor([counts[b] - 1 for b in logit_rows], dtype=torch.long, device=device))
+    ctx = ShapedAttention(cache, starts, counts, device)
+    # Runs even when no row wants logits: a prefill chunk still writes its KV.
+    logits = model(ids.to(device), pos.to(device), ctx, li)
+    return logits, logit_rows, B * T, sum(counts)
+
+
+class RequestKV:
+    """The Orca baseline's per-request cache, reserved for prompt + max_tokens."""
+
+    def __init__(self, cfg: ModelConfig, dtype, device, budget: KVBudget, max_len: int):
+        self.budget = budget
+        self.nbytes = max_len * slot_bytes(cfg, dtype)
+        budget.take(self.nbytes)
+        shape = (cfg.num_layers, cfg.num_kv_heads, max_len, cfg.head_dim)
+        self.k = torch.zeros(shape, dtype=dtype, device=device)
+        self.v = torch.zeros(shape, dtype=dtype, device=device)
+
+    def release(self) -> None:
+        if self.k is not None:
+            self.budget.give(self.nbytes)
+            self.k = self.v = None
+
+
+class SelectiveAttention:
+    """Orca's selective batching: tokens of all requests are flattened into one
+    [1, N] sequence for the linear layers; attention runs per request on its own cache."""
+
+    def __init__(self, caches: list[RequestKV], pasts: list[int], counts: list[int], head_dim: int, device):
+        self.caches, self.pasts, self.counts = caches, pasts, counts
+        self.scale = head_dim ** -0.5
+        self.offsets = [0]
+        for c in counts:
+            self.offsets.append(self.offsets[-1] + c)
+        self.masks = []
+        for past, n in zip(pasts, counts):
+            if n == 1:
+                self.masks.append(None)
+            else:
+                cols = torch.arange(past + n, device=device)
+                allowed = cols.view(1, -1) <= (past + torch.arange(n, device=device)).view(-1, 1)
+                self.masks.append(torch.zeros(1, 1, n, past + n, device=device).masked_fill_(~allowed, NEG_INF))
+
+    def attend(self, layer, q, k, v):
+        outs = []
+        for i, cache in enumerate(self.caches):
+            a, b = self.offsets[i], self.offsets[i + 1]
+            past, n = self.pasts[i], self.counts[i]
+            kc, vc = cache.k[layer], cache.v[layer]  # [KVH, R, D]
+            kc[:, past:past + n] = k[0, a:b].transpose(0, 1)
+            vc[:, past:past + n] = v[0, a:b].transpose(0, 1)
+            outs.append(attention_over_cache(q[:, a:b], kc[None, :, : past + n], vc[None, :, : past + n],
+                                             self.masks[i], self.scale))
+        return torch.cat(outs, dim=1)

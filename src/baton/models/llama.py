@@ -1,0 +1,208 @@
+"""Llama-family decoder in plain PyTorch (Llama 2/3, SmolLM/SmolLM2, Mistral, Qwen2/2.5).
+
+One readable model in the gpt-fast style. The model knows nothing about batching
+policy: each attention layer hands its new q/k/v to an `AttentionContext` supplied
+by the caller, which writes K/V into whatever cache layout the policy uses and
+returns the attention output. That keeps one model for every policy, so benchmarks
+compare scheduling and nothing else.
+"""
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass, field
+from typing import Optional, Protocol
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+
+@dataclass
+class ModelConfig:
+    vocab_size: int
+    hidden_size: int
+    intermediate_size: int
+    num_layers: int
+    num_heads: int
+    num_kv_heads: int
+    head_dim: int
+    rms_norm_eps: float = 1e-5
+    rope_theta: float = 10000.0
+    rope_scaling: Optional[dict] = None
+    max_position_embeddings: int = 2048
+    tie_word_embeddings: bool = False
+    attention_bias: bool = False  # Qwen2: bias on q/k/v projections
+    architecture: str = "llama"
+    bos_token_id: Optional[int] = None
+    eos_token_ids: list[int] = field(default_factory=list)
+
+    @property
+    def kv_bytes_per_token(self) -> int:
+        """Bytes of K and V for one token over all layers, per element byte."""
+        return 2 * self.num_layers * self.num_kv_heads * self.head_dim
+
+
+class AttentionContext(Protocol):
+    """Stores new K/V for one layer and returns attention over the cache.
+
+    q: [B, T, H, D]; k, v: [B, T, KVH, D] (rotary already applied).
+    Returns [B, T, H * D].
+    """
+
+    def attend(self, layer: int, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor: ...
+
+
+def rope_inv_freq(cfg: ModelConfig) -> torch.Tensor:
+    dim = cfg.head_dim
+    inv_freq = 1.0 / (cfg.rope_theta ** (torch.arange(0, dim, 2, dtype=torch.float64) / dim))
+    scaling = cfg.rope_scaling or {}
+    kind = scaling.get("rope_type", scaling.get("type"))
+    if kind == "llama3":
+        # Llama 3.1 frequency-dependent scaling (same formula as HF transformers).
+        factor = scaling["factor"]
+        low = scaling.get("low_freq_factor", 1.0)
+        high = scaling.get("high_freq_factor", 4.0)
+        old_ctx = scaling.get("original_max_position_embeddings", 8192)
+        low_wavelen = old_ctx / low
+        high_wavelen = old_ctx / high
+        wavelen = 2 * math.pi / inv_freq
+        scaled = torch.where(wavelen > low_wavelen, inv_freq / factor, inv_freq)
+        smooth = (old_ctx / wavelen - low) / (high - low)
+        smoothed = (1 - smooth) * scaled / factor + smooth * scaled
+        medium = (wavelen >= high_wavelen) & (wavelen <= low_wavelen)
+        inv_freq = torch.where(medium, smoothed, scaled)
+    elif kind == "linear":
+        inv_freq = inv_freq / scaling["factor"]
+    elif kind not in (None, "default"):
+        raise ValueError(f"unsupported rope_scaling type {kind!r}; supported: default, linear, llama3")
+    return inv_freq.float()
+
+
+def rotate_half(x: torch.Tensor) -> torch.Tensor:
+    x1, x2 = x.chunk(2, dim=-1)
+    return torch.cat((-x2, x1), dim=-1)
+
+
+class RMSNorm(nn.Module):
+    def __init__(self, dim: int, eps: float):
+        super().__init__()
+        self.eps = eps
+        self.weight = nn.Parameter(torch.ones(dim))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        # Normalise in float32 like the reference, then cast back.
+        xf = x.float()
+        xf = xf * torch.rsqrt(xf.pow(2).mean(-1, keepdim=True) + self.eps)
+        return self.weight * xf.to(x.dtype)
+
+
+class Attention(nn.Module):
+    def __init__(self, cfg: ModelConfig, layer: int):
+        super().__init__()
+        self.layer = layer
+        self.n_heads, self.n_kv, self.head_dim = cfg.num_heads, cfg.num_kv_heads, cfg.head_dim
+        q_out, kv_out = self.n_heads * self.head_dim, self.n_kv * self.head_dim
+        # Fused QKV: one GEMM instead of three small ones.
+        self.qkv = nn.Linear(cfg.hidden_size, q_out + 2 * kv_out, bias=cfg.attention_bias)
+        self.o = nn.Linear(q_out, cfg.hidden_size, bias=False)
+        self.split = (q_out, kv_out, kv_out)
+
+    def forward(self, x, cos, sin, ctx: AttentionContext):
+        B, T, _ = x.shape
+        q, k, v = self.qkv(x).split(self.split, dim=-1)
+        q = q.view(B, T, self.n_heads, self.head_dim)
+        k = k.view(B, T, self.n_kv, self.head_dim)
+        v = v.view(B, T, self.n_kv, self.head_dim)
+        q = q * cos + rotate_half(q) * sin
+        k = k * cos + rotate_half(k) * sin
+        return self.o(ctx.attend(self.layer, q, k, v))
+
+
+class MLP(nn.Module):
+    def __init__(self, cfg: ModelConfig):
+        super().__init__()
+        self.gate_up = nn.Linear(cfg.hidden_size, 2 * cfg.intermediate_size, bias=False)
+        self.down = nn.Linear(cfg.intermediate_size, cfg.hidden_size, bias=False)
+
+    def forward(self, x):
+        gate, up = self.gate_up(x).chunk(2, dim=-1)
+        return self.down(F.silu(gate) * up)
+
+
+class Block(nn.Module):
+    def __init__(self, cfg: ModelConfig, layer: int):
+        super().__init__()
+        self.attn_norm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
+        self.attn = Attention(cfg, layer)
+        self.mlp_norm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
+        self.mlp = MLP(cfg)
+
+    def forward(self, x, cos, sin, ctx):
+        x = x + self.attn(self.attn_norm(x), cos, sin, ctx)
+        return x + self.mlp(self.mlp_norm(x))
+
+
+class LlamaModel(nn.Module):
+    def __init__(self, cfg: ModelConfig):
+        super().__init__()
+        self.cfg = cfg
+        self.embed = nn.Embedding(cfg.vocab_size, cfg.hidden_size)
+        self.layers = nn.ModuleList(Block(cfg, i) for i in range(cfg.num_layers))
+        self.norm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
+        self.lm_head = nn.Linear(cfg.hidden_size, cfg.vocab_size, bias=False)
+        if cfg.tie_word_embeddings:
+            self.lm_head.weight = self.embed.weight
+        self.register_buffer("inv_freq", rope_inv_freq(cfg), persistent=False)
+
+    @property
+    def dtype(self) -> torch.dtype:
+        return self.embed.weight.dtype
+
+    @property
+    def device(self) -> torch.device:
+        return self.embed.weight.device
+
+    def rope(self, positions: torch.Tensor):
+        # Angles in float32 for every position in the batch (positions are per row).
+        freqs = positions.unsqueeze(-1).float() * self.inv_freq
+        emb = torch.cat((freqs, freqs), dim=-1)
+        dt = self.dtype
+        return emb.cos().to(dt).unsqueeze(2), emb.sin().to(dt).unsqueeze(2)
+
+    @torch.inference_mode()
+    def forward(
+        self,
+        input_ids: torch.Tensor,
+        positions: torch.Tensor,
+        ctx: AttentionContext,
+        logit_index: Optional[tuple[torch.Tensor, torch.Tensor]] = None,
+    ) -> torch.Tensor:
+        """input_ids, positions: [B, T]. Returns float32 logits only at
+        `logit_index` = (batch idx, time idx) -> [N, vocab]; all positions if None."""
+        x = self.embed(input_ids)
+        cos, sin = self.rope(positions)
+        for block in self.layers:
+            x = block(x, cos, sin, ctx)
+        x = x[logit_index] if logit_index is not None else x
+        return self.lm_head(self.norm(x)).float()
+
+
+def attention_over_cache(q, keys, values, mask, scale):
+    """Grouped-query attention written as two matmuls.
+
+    q: [B, T, H, D]; keys/values: [B, KVH, W, D] (may be a strided view of a larger
+    cache); mask: additive float [B, 1, T, W] or None. Returns [B, T, H*D].
+    Queries are viewed as [B, KVH, G*T, D] so each KV head is read once for its group,
+    with no repeat_interleave of the cache.
+    """
+    B, T, H, D = q.shape
+    kvh = keys.shape[1]
+    G = H // kvh
+    qg = q.view(B, T, kvh, G, D).permute(0, 2, 3, 1, 4).reshape(B, kvh, G * T, D)
+    scores = torch.matmul(qg, keys.transpose(-1, -2)).float() * scale
+    if mask is not None:
+        W = keys.shape[2]
+        scores = (scores.view(B, kvh, G, T, W) + mask.unsqueeze(1)).view(B, kvh, G * T, W)
+    probs = scores.softmax(dim=-1).to(values.dtype)
+    out = torch.matmul(probs, values)  # [B, KVH, G*T, D]
+    return out.view(B, kvh, G, T, D).permute(0, 3, 1, 2, 4).reshape(B, T, H * D)

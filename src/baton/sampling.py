@@ -1,0 +1,111 @@
+"""SamplingParams and the sampler.
+
+Each row is sampled on its own random generator (seeded per request), so a
+query's samples do not depend on which other queries share the batch.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Optional, Union
+
+import torch
+
+
+@dataclass
+class SamplingParams:
+    max_tokens: int = 16
+    temperature: float = 1.0
+    top_p: float = 1.0
+    top_k: int = 0  # 0 or -1: off
+    min_p: float = 0.0
+    seed: Optional[int] = None
+    stop: Union[str, list[str], None] = None
+    stop_token_ids: list[int] = field(default_factory=list)
+    ignore_eos: bool = False
+    logprobs: Optional[int] = None  # None: off; N >= 0: chosen token plus top-N
+    priority: int = 0  # lower runs first
+
+    MAX_LOGPROBS = 20
+
+    def __post_init__(self):
+        if isinstance(self.stop, str):
+            self.stop = [self.stop]
+        self.stop = list(self.stop or [])
+        self.stop_token_ids = list(self.stop_token_ids or [])
+        self.validate()
+
+    def validate(self) -> None:
+        def bad(name, allowed, value):
+            raise ValueError(f"{name} must be {allowed}; got {value!r}")
+
+        if not isinstance(self.max_tokens, int) or isinstance(self.max_tokens, bool) or self.max_tokens < 1:
+            bad("max_tokens", "an integer >= 1", self.max_tokens)
+        if not (self.temperature >= 0) or self.temperature != self.temperature:
+            bad("temperature", ">= 0", self.temperature)
+        if not (0 < self.top_p <= 1):
+            bad("top_p", "in (0, 1]", self.top_p)
+        if not isinstance(self.top_k, int) or self.top_k < -1:
+            bad("top_k", "-1, 0 (off) or a positive integer", self.top_k)
+        if not (0 <= self.min_p <= 1):
+            bad("min_p", "in [0, 1]", self.min_p)
+        if self.logprobs is not None and not (0 <= self.logprobs <= self.MAX_LOGPROBS):
+            bad("logprobs", f"an integer in [0, {self.MAX_LOGPROBS}]", self.logprobs)
+        if self.seed is not None and not isinstance(self.seed, int):
+            bad("seed", "an integer", self.seed)
+        if any(not isinstance(s, str) or not s for s in self.stop):
+            bad("stop", "a non-empty string or a list of them", self.stop)
+        if not isinstance(self.priority, int):
+            bad("priority", "an integer", self.priority)
+
+    @property
+    def greedy(self) -> bool:
+        return self.temperature == 0.0
+
+
+@dataclass
+class SampledToken:
+    token_id: int
+    logprob: Optional[float] = None
+    top_logprobs: Optional[list[tuple[int, float]]] = None
+
+
+def _filter_logits(logits: torch.Tensor, p: SamplingParams) -> torch.Tensor:
+    """logits [V] (float32, already divided by temperature) -> logits with -inf outside the kept set."""
+    if p.top_k and p.top_k > 0 and p.top_k < logits.shape[-1]:
+        kth = torch.topk(logits, p.top_k).values[-1]
+        logits = logits.masked_fill(logits < kth, float("-inf"))
+    if p.min_p > 0:
+        probs = logits.softmax(-1)
+        logits = logits.masked_fill(probs < p.min_p * probs.max(), float("-inf"))
+    if p.top_p < 1.0:
+        sorted_logits, order = torch.sort(logits, descending=True)
+        cum = sorted_logits.softmax(-1).cumsum(-1)
+        drop = cum - sorted_logits.softmax(-1) >= p.top_p  # keep the token that crosses top_p
+        logits = logits.masked_fill(torch.zeros_like(drop).scatter(0, order, drop), float("-inf"))
+    return logits
+
+
+def sample(logits: torch.Tensor, params: list[SamplingParams], generators: list[Optional[torch.Generator]]) -> list[SampledToken]:
+    """logits: [N, V] float32, one row per sequence. Returns one SampledToken per row."""
+    greedy_ids = logits.argmax(dim=-1).tolist()
+    want_logprobs = [i for i, p in enumerate(params) if p.logprobs is not None]
+    logprobs = logits[want_logprobs].log_softmax(-1) if want_logprobs else None
+    out = []
+    for i, p in enumerate(params):
+        if p.greedy:
+            tok = greedy_ids[i]
+        else:
+            row = _filter_logits(logits[i] / p.temperature, p)
+            tok = int(torch.multinomial(row.softmax(-1), 1, generator=generators[i]).item())
+        out.append(SampledToken(tok))
+    if logprobs is not None:
+        for j, i in enumerate(want_logprobs):
+            lp = logprobs[j]
+            out[i].logprob = float(lp[out[i].token_id])
+            n = params[i].logprobs
+            if n:
+                vals, ids = torch.topk(lp, n)
+                out[i].top_logprobs = list(zip(ids.tolist(), vals.tolist()))
+            else:
+                out[i].top_logprobs = []
+    return out

@@ -1,0 +1,162 @@
+"""What every scheduling policy shares: the waiting queue, the step result and
+the accounting of idle computation and KV padding that the benchmarks report."""
+from __future__ import annotations
+
+import bisect
+import time
+from dataclasses import dataclass, field
+from typing import Optional
+
+import torch
+
+from ..kv import KVBudget, ShapedKV, shaped_forward, slot_bytes
+from ..sequence import Sequence, Status
+
+
+@dataclass
+class StepResult:
+    seqs: list[Sequence]  # one per row of logits: each gets a sampled token
+    logits: Optional[torch.Tensor]
+
+
+@dataclass
+class PolicyStats:
+    iterations: int = 0
+    computed_token_rows: int = 0  # token-rows the model computed
+    useful_tokens: int = 0        # of those, tokens of live queries
+    kv_slots_allocated: int = 0   # summed over iterations
+    kv_slots_live: int = 0        # summed over iterations
+    preemptions: int = 0
+    timeline: list = field(default_factory=list)  # (time, allocated bytes, live bytes)
+
+    @property
+    def idle_token_rows(self) -> int:
+        return self.computed_token_rows - self.useful_tokens
+
+    @property
+    def idle_share(self) -> float:
+        return self.idle_token_rows / self.computed_token_rows if self.computed_token_rows else 0.0
+
+    @property
+    def kv_padding_ratio(self) -> float:
+        """Allocated KV slots per live token slot (1.0 = no waste)."""
+        return self.kv_slots_allocated / self.kv_slots_live if self.kv_slots_live else 0.0
+
+
+class Policy:
+    name = "base"
+
+    def __init__(self, model, cfg, budget: KVBudget, max_num_seqs: int, max_prefill_tokens: int,
+                 record_timeline: bool = False):
+        self.model, self.cfg, self.budget = model, cfg, budget
+        self.max_num_seqs = max_num_seqs
+        self.max_prefill_tokens = max_prefill_tokens
+        self.slot = slot_bytes(cfg, model.dtype)
+        self.waiting: list[Sequence] = []  # sorted by (priority, arrival)
+        self.stats = PolicyStats()
+        self.record_timeline = record_timeline
+        self._t0 = time.monotonic()
+
+    # ---- queue
+    def add(self, seq: Sequence) -> None:
+        bisect.insort(self.waiting, seq, key=lambda s: s.sort_key)
+
+    def max_len_that_fits(self) -> int:
+        """Longest query (prompt + max_tokens) that could ever run alone in the budget."""
+        return self.budget.limit // self.slot
+
+    # ---- to implement
+    def step(self) -> StepResult:
+        raise NotImplementedError
+
+    def release(self, seq: Sequence) -> None:
+        """Free what a finished or aborted query holds."""
+        raise NotImplementedError
+
+    def abort(self, seq: Sequence) -> None:
+        if seq.status is Status.WAITING:
+            self.waiting.remove(seq)
+        self.release(seq)
+
+    @property
+    def num_running(self) -> int:
+        raise NotImplementedError
+
+    @property
+    def num_prefilled(self) -> int:
+        return 0
+
+    def live_tokens(self) -> int:
+        raise NotImplementedError
+
+    def has_work(self) -> bool:
+        return bool(self.waiting) or self.num_running > 0 or self.num_prefilled > 0
+
+    # ---- accounting
+    def account(self, computed: int, useful: int) -> None:
+        st = self.stats
+        st.iterations += 1
+        st.computed_token_rows += computed
+        st.useful_tokens += useful
+        live = self.live_tokens()
+        st.kv_slots_allocated += self.budget.used // self.slot
+        st.kv_slots_live += live
+        if self.record_timeline:
+            st.timeline.append((time.monotonic() - self._t0, self.budget.used, live * self.slot))
+
+
+class ShapedBatch:
+    """The running batch: one ShapedKV whose live rows are 0..n-1, and the
+    query in each row."""
+
+    def __init__(self, cfg, dtype, device, budget: KVBudget, max_rows: int):
+        self.cache = ShapedKV(cfg, dtype, device, budget)
+        self.rows: list[Sequence] = []
+        self.max_rows = max_rows
+
+    def __len__(self) -> int:
+        return len(self.rows)
+
+    def final_width(self, extra: Optional[Sequence] = None) -> int:
+        seqs = self.rows + ([extra] if extra else [])
+        return max((s.max_len for s in seqs), default=0)
+
+    def can_admit(self, seq: Sequence) -> bool:
+        """Reserve-on-admit: the batch grown to its longest query's final length
+        must fit, so no later decode step can need memory the budget lacks."""
+        n = len(self.rows) + 1
+        return n <= self.max_rows and self.cache.reserve(n, self.final_width(seq), len(self.rows), self.max_rows)
+
+    def admit(self, seq: Sequence) -> int:
+        """Give `seq` the next row (caller checked can_admit)."""
+        row = len(self.rows)
+        self.rows.append(seq)
+        seq.row = row
+        seq.status = Status.RUNNING
+        return row
+
+    def remove(self, seq: Sequence) -> None:
+        """Free a row by moving the last live row into it (one row copy)."""
+        row, last = seq.row, len(self.rows) - 1
+        if row != last:
+            moved = self.rows[last]
+            self.cache.move_row(last, row, moved.num_cached)
+            self.rows[row] = moved
+            moved.row = row
+        self.rows.pop()
+        seq.row = None
+        if self.rows:
+            self.cache.shrink_width(self.final_width(), len(self.rows))
+        else:
+            self.cache.release()
+
+    def forward(self, model, tokens: list[list[int]], want_logits: list[bool]):
+        """One vector-shaped iteration over all live rows; advances num_cached."""
+        starts = [s.num_cached for s in self.rows]
+        logits, logit_rows, computed, useful = shaped_forward(model, self.cache, starts, tokens, want_logits)
+        for s, t in zip(self.rows, tokens):
+            s.num_cached += len(t)
+        return logits, [self.rows[b] for b in logit_rows], computed, useful
+
+    def live_tokens(self) -> int:
+        return sum(s.num_cached for s in self.rows)

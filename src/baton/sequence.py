@@ -1,0 +1,73 @@
+"""A query's state as it moves through the engine."""
+from __future__ import annotations
+
+import enum
+import itertools
+import time
+from dataclasses import dataclass, field
+from typing import Optional
+
+import torch
+
+from .sampling import SamplingParams
+
+_arrival_counter = itertools.count()
+
+
+class Status(enum.Enum):
+    WAITING = "waiting"      # queued, no KV yet
+    PREFILLED = "prefilled"  # KV ready in the prefilled pool (baton-pd)
+    RUNNING = "running"      # owns a row of the running batch
+    PARKED = "parked"        # preempted, KV taken out intact
+    FINISHED = "finished"
+
+
+@dataclass
+class Sequence:
+    request_id: str
+    prompt_ids: list[int]
+    params: SamplingParams
+    arrival_time: float = field(default_factory=time.monotonic)
+    output_ids: list[int] = field(default_factory=list)
+    status: Status = Status.WAITING
+    finish_reason: Optional[str] = None
+    num_cached: int = 0  # tokens whose K/V are in the cache (a row or a pool entry)
+    row: Optional[int] = None
+    kv: object = None  # the policy's per-query KV (pool entry, parked row, Orca reservation)
+    first_token_time: Optional[float] = None
+    finish_time: Optional[float] = None
+    num_preemptions: int = 0
+    order: int = field(default_factory=lambda: next(_arrival_counter))
+    generator: Optional[torch.Generator] = None
+
+    def __post_init__(self):
+        if not self.params.greedy:
+            self.generator = torch.Generator()
+            seed = self.params.seed if self.params.seed is not None else torch.seed()
+            self.generator.manual_seed(seed)
+
+    @property
+    def prompt_len(self) -> int:
+        return len(self.prompt_ids)
+
+    @property
+    def total_len(self) -> int:
+        return len(self.prompt_ids) + len(self.output_ids)
+
+    @property
+    def max_len(self) -> int:
+        """Longest this query can get: what a reservation must cover."""
+        return len(self.prompt_ids) + self.params.max_tokens
+
+    def uncached_tokens(self) -> list[int]:
+        """Tokens to feed next: the rest of the prompt (and, after a recompute
+        preemption, the outputs), or the last sampled token during decode."""
+        return (self.prompt_ids + self.output_ids)[self.num_cached:]
+
+    @property
+    def is_finished(self) -> bool:
+        return self.status is Status.FINISHED
+
+    @property
+    def sort_key(self):
+        return (self.params.priority, self.order)
