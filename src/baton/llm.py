@@ -15,9 +15,19 @@ Prompt = Union[str, Seq[int]]
 class LLM:
     def __init__(self, model: Optional[str] = None, policy: str = "baton-pd", dtype: str = "auto",
                  max_num_seqs: int = 32, device: str = "cpu", **kwargs):
-        self.engine = LLMEngine(EngineConfig(model=model, policy=policy, dtype=dtype, device=device,
-                                             max_num_seqs=max_num_seqs, **kwargs))
-        self.tokenizer = self.engine.tokenizer
+        self._attach(LLMEngine(EngineConfig(model=model, policy=policy, dtype=dtype, device=device,
+                                            max_num_seqs=max_num_seqs, **kwargs)))
+
+    @classmethod
+    def from_engine(cls, engine: LLMEngine) -> "LLM":
+        """Wrap an engine built elsewhere (e.g. one sharing loaded weights)."""
+        llm = cls.__new__(cls)
+        llm._attach(engine)
+        return llm
+
+    def _attach(self, engine: LLMEngine) -> None:
+        self.engine = engine
+        self.tokenizer = engine.tokenizer
         self._ids = itertools.count()
 
     def generate(self, prompts: Union[Prompt, list[Prompt]],

@@ -73,6 +73,10 @@ def config_from_hf(d: dict) -> ModelConfig:
         )
     heads = d["num_attention_heads"]
     eos = d.get("eos_token_id")
+    # transformers >= 5 writes rope settings as `rope_parameters`; older configs as
+    # `rope_theta` + `rope_scaling`.
+    rope = d.get("rope_scaling") or d.get("rope_parameters") or {}
+    rope_theta = d.get("rope_theta") or rope.get("rope_theta", 10000.0)
     return ModelConfig(
         vocab_size=d["vocab_size"],
         hidden_size=d["hidden_size"],
@@ -82,8 +86,8 @@ def config_from_hf(d: dict) -> ModelConfig:
         num_kv_heads=d.get("num_key_value_heads") or heads,
         head_dim=d.get("head_dim") or d["hidden_size"] // heads,
         rms_norm_eps=d.get("rms_norm_eps", 1e-6),
-        rope_theta=d.get("rope_theta", (d.get("rope_parameters") or {}).get("rope_theta", 10000.0)),
-        rope_scaling=d.get("rope_scaling"),
+        rope_theta=rope_theta,
+        rope_scaling=rope or None,
         max_position_embeddings=d.get("max_position_embeddings", 2048),
         tie_word_embeddings=d.get("tie_word_embeddings", False),
         attention_bias=d.get("attention_bias", arch == "qwen2"),

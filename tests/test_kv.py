@@ -1,0 +1,134 @@
+"""Unit tests of the shaped KV cache (vector shaping with per-row write positions)."""
+from __future__ import annotations
+
+import pytest
+import torch
+
+from baton import SamplingParams
+from baton.kv import WIDTH_ALIGN, KVBudget, ShapedKV, slot_bytes
+from baton.models.llama import ModelConfig
+from baton.scheduler.base import ShapedBatch
+from baton.sequence import Sequence
+from conftest import make_engine
+
+CFG = ModelConfig(vocab_size=32, hidden_size=16, intermediate_size=32, num_layers=2, num_heads=2,
+                  num_kv_heads=1, head_dim=8)
+SLOT = slot_bytes(CFG, torch.float32)
+
+
+def seq(prompt_len: int, max_tokens: int, cached: int | None = None) -> Sequence:
+    s = Sequence(f"r{prompt_len}-{max_tokens}", list(range(prompt_len)),
+                 SamplingParams(max_tokens=max_tokens, temperature=0))
+    s.num_cached = prompt_len if cached is None else cached
+    return s
+
+
+def fill_row(cache: ShapedKV, row: int, length: int, value: float) -> None:
+    cache.k[:, row, :, :length] = value
+    cache.v[:, row, :, :length] = -value
+
+
+def test_insert_into_wider_and_narrower_batch_keeps_rows_in_place():
+    batch = ShapedBatch(CFG, torch.float32, "cpu", KVBudget(1 << 24), max_rows=4)
+    a = seq(10, 5)
+    assert batch.can_admit(a)
+    batch.admit(a)
+    fill_row(batch.cache, 0, 10, 1.0)
+    # A longer query joins: the batch grows, row 0's data stays where it was.
+    b = seq(50, 5)
+    assert batch.can_admit(b)
+    batch.admit(b)
+    fill_row(batch.cache, 1, 50, 2.0)
+    assert batch.cache.width_cap >= 55
+    assert torch.all(batch.cache.k[:, 0, :, :10] == 1.0)
+    # A shorter one joins a now-wider batch: the width does not change and the
+    # running rows' data is not moved.
+    width = batch.cache.width_cap
+    c = seq(3, 2)
+    assert batch.can_admit(c)
+    batch.admit(c)
+    assert batch.cache.width_cap == width
+    assert torch.all(batch.cache.k[:, 0, :, :10] == 1.0) and torch.all(batch.cache.k[:, 1, :, :50] == 2.0)
+    assert [s.row for s in (a, b, c)] == [0, 1, 2]
+
+
+def test_remove_moves_last_row_and_row_is_reused():
+    batch = ShapedBatch(CFG, torch.float32, "cpu", KVBudget(1 << 24), max_rows=3)
+    seqs = [seq(8 + i, 4) for i in range(3)]
+    for i, s in enumerate(seqs):
+        assert batch.can_admit(s)
+        batch.admit(s)
+        fill_row(batch.cache, i, s.num_cached, float(i + 1))
+    batch.remove(seqs[0])
+    # The last row (value 3) now lives in row 0; rows stay packed.
+    assert seqs[2].row == 0 and seqs[1].row == 1 and len(batch) == 2
+    assert torch.all(batch.cache.k[:, 0, :, :10] == 3.0)
+    d = seq(5, 4)
+    assert batch.can_admit(d)
+    assert batch.admit(d) == 2  # the freed seat is reused
+
+
+def test_width_tracks_longest_live_query_after_it_leaves():
+    batch = ShapedBatch(CFG, torch.float32, "cpu", KVBudget(1 << 26), max_rows=4)
+    short, long = seq(10, 10), seq(900, 100)
+    for s in (short, long):
+        assert batch.can_admit(s)
+        batch.admit(s)
+    assert batch.cache.width_cap >= 1000
+    batch.remove(long)
+    # Capacity is given back: bounded by the longest live query plus aligned slack.
+    assert batch.cache.width_cap <= max(WIDTH_ALIGN, 2 * short.max_len)
+    assert batch.cache.nbytes <= batch.cache.rows_cap * 2 * max(WIDTH_ALIGN, short.max_len) * SLOT
+
+
+def test_budget_is_never_exceeded_and_refusal_allocates_nothing():
+    limit = 3 * 64 * SLOT
+    budget = KVBudget(limit)
+    batch = ShapedBatch(CFG, torch.float32, "cpu", budget, max_rows=8)
+    admitted = 0
+    for _ in range(8):
+        s = seq(40, 24)
+        used = budget.used
+        if batch.can_admit(s):
+            batch.admit(s)
+            admitted += 1
+        else:
+            assert budget.used == used
+        assert budget.used <= limit and budget.peak <= limit
+    # Growing copies the live rows, so old and new tensors briefly coexist and both
+    # count: 3 rows of 64 fit only when allocated at once, hence 2 here.
+    assert admitted == 2
+
+
+def test_no_reallocation_per_decode_step(tiny_llama):
+    engine = make_engine(tiny_llama, policy="baton-pd", max_num_seqs=4)
+    for i in range(4):
+        engine.add_request(str(i), list(range(1, 20 + i)), SamplingParams(max_tokens=40, temperature=0,
+                                                                           ignore_eos=True))
+    for _ in range(3):  # prefill + embed
+        engine.step()
+    cache = engine.policy.batch.cache
+    ptr, reallocs = cache.k.data_ptr(), cache.reallocations
+    for _ in range(30):
+        engine.step()
+    assert cache.k.data_ptr() == ptr and cache.reallocations == reallocs
+
+
+@pytest.mark.parametrize("policy", ["static", "orca", "baton", "baton-pd"])
+def test_memory_budget_holds_at_every_step(tiny_llama, policy):
+    """Invariant 3: with a budget far below the burst's needs, every query still
+    completes, exactly once, and KV in use never exceeds the budget."""
+    from baton.kv import slot_bytes
+    from conftest import load_cached
+
+    slot = slot_bytes(load_cached(tiny_llama)[0].cfg, torch.float32)
+    engine = make_engine(tiny_llama, policy=policy, max_num_seqs=8, kv_cache_bytes=200 * slot)
+    for i in range(12):
+        engine.add_request(str(i), list(range(1, 30 + 3 * i)), SamplingParams(max_tokens=20, temperature=0,
+                                                                               ignore_eos=True))
+    done = []
+    while engine.has_unfinished_requests():
+        done += [o.request_id for o in engine.step() if o.finished]
+        assert engine.budget.used <= engine.budget.limit
+    assert sorted(done, key=int) == [str(i) for i in range(12)]
+    assert engine.budget.peak <= engine.budget.limit
