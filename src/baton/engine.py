@@ -53,6 +53,7 @@ class EngineConfig:
     kv_cache_fraction: float = 0.3  # of available RAM, when kv_cache_bytes is not given
     max_prefill_tokens: int = 1024  # prompt tokens processed per iteration (chunked beyond)
     pool_size: int = 4              # baton-pd: prefilled queries kept ready
+    max_preemptions: int = 2        # baton-pd: starvation guard, preemptions per query
     num_threads: Optional[int] = None
     record_timeline: bool = False
 
@@ -90,7 +91,7 @@ class LLMEngine:
         kwargs = dict(max_num_seqs=config.max_num_seqs, max_prefill_tokens=config.max_prefill_tokens,
                       record_timeline=config.record_timeline)
         if config.policy == "baton-pd":
-            kwargs["pool_size"] = config.pool_size
+            kwargs.update(pool_size=config.pool_size, max_preemptions=config.max_preemptions)
         self.policy = POLICIES[config.policy](model, self.cfg, self.budget, **kwargs)
         self.requests: dict[str, Sequence] = {}
         self.detoks: dict[str, IncrementalDetokenizer] = {}
@@ -248,6 +249,7 @@ class LLMEngine:
             "running": p.num_running,
             "waiting": len(p.waiting),
             "prefilled": p.num_prefilled,
+            "parked": p.num_parked,
             "kv_bytes_used": self.budget.used,
             "kv_bytes_peak": self.budget.peak,
             "kv_bytes_budget": self.budget.limit,

@@ -86,11 +86,15 @@ class Policy:
     def num_prefilled(self) -> int:
         return 0
 
+    @property
+    def num_parked(self) -> int:
+        return 0
+
     def live_tokens(self) -> int:
         raise NotImplementedError
 
     def has_work(self) -> bool:
-        return bool(self.waiting) or self.num_running > 0 or self.num_prefilled > 0
+        return bool(self.waiting) or self.num_running + self.num_prefilled + self.num_parked > 0
 
     # ---- accounting
     def account(self, computed: int, useful: int) -> None:

@@ -68,16 +68,41 @@ class BatonPolicy(Policy):
 
 
 class BatonPDPolicy(BatonPolicy):
+    """baton-pd, plus what re-batching makes possible (issue 6):
+
+    - Priority preemption: when a ready query of higher priority (lower value) finds
+      no free row, the lowest-priority running query is preempted at the iteration
+      boundary. Its row's KV is taken out intact and parked in the pool; it resumes
+      by being embedded again, with no recomputation. If the budget cannot hold the
+      parked copy, its KV is dropped and recomputed from its tokens later.
+    - Starvation guard: a query can be preempted at most `max_preemptions` times;
+      after that it keeps its row until it finishes.
+    - Memory: reserve-on-admit. A query enters the pool only if its entry plus the
+      batch grown to hold every pooled query at its final length fits the budget,
+      so a burst waits in the queue instead of exceeding the budget.
+    - Stall-free prefill: at most `max_prefill_tokens` prompt tokens are prefilled
+      between two decode iterations; longer prompts are prefilled in chunks.
+    """
+
     name = "baton-pd"
 
-    def __init__(self, *args, pool_size: int = 4, **kwargs):
+    def __init__(self, *args, pool_size: int = 4, max_preemptions: int = 2, **kwargs):
         super().__init__(*args, **kwargs)
         self.pool_size = pool_size
-        self.pool: list[Sequence] = []  # prefilling or prefilled, in admission order
+        self.max_preemptions = max_preemptions
+        self.pool: list[Sequence] = []  # KV outside the batch: prefilling, prefilled or parked
 
     @property
     def num_prefilled(self) -> int:
-        return len(self.pool)
+        return sum(s.status is Status.PREFILLED for s in self.pool)
+
+    @property
+    def num_parked(self) -> int:
+        return sum(s.status is Status.PARKED for s in self.pool)
+
+    def max_len_that_fits(self) -> int:
+        # A pooled entry and the batch row it is copied into exist together.
+        return super().max_len_that_fits() // 2
 
     def live_tokens(self) -> int:
         return self.batch.live_tokens() + sum(s.num_cached for s in self.pool)
@@ -85,53 +110,121 @@ class BatonPDPolicy(BatonPolicy):
     def release(self, seq: Sequence) -> None:
         if seq in self.pool:
             self.pool.remove(seq)
-        if isinstance(seq.kv, ShapedKV):
-            seq.kv.release()
-            seq.kv = None
+        self._free_entry(seq)
         super().release(seq)
 
+    @staticmethod
+    def _target(seq: Sequence) -> int:
+        """Tokens to cache before the query can decode: all but the pending last
+        sampled token (just the prompt for a fresh query)."""
+        return seq.total_len - 1 if seq.output_ids else seq.prompt_len
+
+    def _is_ready(self, seq: Sequence) -> bool:
+        return bool(seq.output_ids) and seq.num_cached == self._target(seq) and not seq.is_finished
+
+    def _free_entry(self, seq: Sequence) -> None:
+        if isinstance(seq.kv, ShapedKV):
+            seq.kv.release()
+        seq.kv = None
+
+    def _requeue_for_recompute(self, seq: Sequence) -> None:
+        """Drop a query's KV; it will be prefilled again from its tokens."""
+        if seq in self.pool:
+            self.pool.remove(seq)
+        self._free_entry(seq)
+        seq.num_cached = 0
+        seq.status = Status.WAITING
+        self.add(seq)
+
+    # ---- iteration boundary: embed, preempting if a better query waits
+    def _preempt_for(self, seq: Sequence) -> bool:
+        victims = [r for r in self.batch.rows if r.sort_key > seq.sort_key
+                   and r.params.priority > seq.params.priority and r.num_preemptions < self.max_preemptions]
+        if not victims:
+            return False
+        victim = max(victims, key=lambda r: r.sort_key)
+        victim.num_preemptions += 1
+        self.stats.preemptions += 1
+        try:
+            victim.kv = self.batch.cache.extract(victim.row, victim.num_cached, self.budget)
+        except KVBudgetExceeded:
+            victim.kv = None
+        self.batch.remove(victim)
+        if victim.kv is None:
+            self._requeue_for_recompute(victim)
+        else:
+            victim.status = Status.PARKED
+            self.pool.append(victim)
+        return True
+
     def _embed_ready(self) -> None:
-        """Move fully prefilled queries from the pool into free rows."""
-        for seq in list(self.pool):
-            if seq.num_cached < seq.prompt_len or not seq.output_ids:
-                continue  # still prefilling, or its first token is not sampled yet
-            if seq.is_finished or not self.batch.can_admit(seq):
-                break
+        while True:
+            ready = sorted((s for s in self.pool if self._is_ready(s)), key=lambda s: s.sort_key)
+            if not ready:
+                return
+            seq = ready[0]
+            if len(self.batch) >= self.max_num_seqs or not self.batch.can_admit(seq):
+                if self._preempt_for(seq):
+                    continue
+                if not len(self.batch) and self._unblock(seq):
+                    continue
+                return
             self.pool.remove(seq)
             row = self.batch.admit(seq)
             self.batch.cache.embed(row, seq.kv, seq.num_cached)
-            seq.kv.release()
-            seq.kv = None
+            self._free_entry(seq)
+
+    def _unblock(self, seq: Sequence) -> bool:
+        """Safety valve: with nothing running, other pooled entries' memory must not
+        keep the best ready query out; drop theirs (they are recomputed later)."""
+        others = [s for s in self.pool if s is not seq]
+        for s in others:
+            self._requeue_for_recompute(s)
+        return bool(others)
+
+    # ---- prefill into the pool
+    def _pool_admission_fits(self, seq: Sequence) -> bool:
+        pooled = [s for s in self.pool]
+        rows = min(self.max_num_seqs, len(self.batch) + len(pooled) + 1)
+        width = max([self.batch.final_width(), seq.max_len] + [s.max_len for s in pooled])
+        cache = self.batch.cache
+        growth = 0 if rows <= cache.rows_cap and width <= cache.width_cap else cache.bytes_for(rows, width)
+        return self.budget.fits(self._target(seq) * self.slot + growth)
+
+    def _next_to_prefill(self) -> Sequence | None:
+        if not self.waiting:
+            return None
+        seq = self.waiting[0]
+        fresh = [s for s in self.pool if s.status is Status.PREFILLED]
+        room = len(fresh) < self.pool_size or all(seq.sort_key < s.sort_key for s in self.pool)
+        if not room or not self._pool_admission_fits(seq):
+            return None
+        seq.kv = ShapedKV(self.cfg, self.model.dtype, self.model.device, self.budget,
+                          rows=1, width=self._target(seq))
+        self.waiting.pop(0)
+        seq.status = Status.PREFILLED
+        self.pool.append(seq)
+        return seq
 
     def _prefill(self) -> tuple[list[Sequence], list[torch.Tensor], int, int]:
-        """Prefill into the pool, bounded by max_prefill_tokens per step."""
+        """Prefill into the pool, at most max_prefill_tokens per iteration."""
         budget, seqs, logits, computed, useful = self.max_prefill_tokens, [], [], 0, 0
-        # Continue a chunked prefill first, then admit new queries while there is room.
-        candidates = [s for s in self.pool if s.num_cached < s.prompt_len]
+        unfinished = sorted((s for s in self.pool if s.num_cached < self._target(s)), key=lambda s: s.sort_key)
         while budget > 0:
-            if candidates:
-                seq = candidates.pop(0)
-            elif self.waiting and len(self.pool) < self.pool_size:
-                seq = self.waiting[0]
-                try:
-                    seq.kv = ShapedKV(self.cfg, self.model.dtype, self.model.device, self.budget,
-                                      rows=1, width=seq.prompt_len)
-                except KVBudgetExceeded:
-                    break  # wait for memory
-                self.waiting.pop(0)
-                seq.status = Status.PREFILLED
-                self.pool.append(seq)
-            else:
+            seq = unfinished.pop(0) if unfinished else self._next_to_prefill()
+            if seq is None:
                 break
-            todo = seq.uncached_tokens()[: seq.prompt_len - seq.num_cached]
+            todo = (seq.prompt_ids + seq.output_ids)[seq.num_cached: self._target(seq)]
             chunk = todo[:budget]
-            done = len(chunk) == len(todo)
-            out, _, c, u = shaped_forward(self.model, seq.kv, [seq.num_cached], [chunk], [done])
+            # A fresh query samples its first token at the end of its prefill; a
+            # recomputed one already has its pending token.
+            sample_now = len(chunk) == len(todo) and not seq.output_ids
+            out, _, c, u = shaped_forward(self.model, seq.kv, [seq.num_cached], [chunk], [sample_now])
             seq.num_cached += len(chunk)
             budget -= len(chunk)
             computed += c
             useful += u
-            if done:
+            if sample_now:
                 seqs.append(seq)
                 logits.append(out)
         return seqs, logits, computed, useful
