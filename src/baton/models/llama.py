@@ -78,9 +78,12 @@ def rope_inv_freq(cfg: ModelConfig) -> torch.Tensor:
     return inv_freq.float()
 
 
-def rotate_half(x: torch.Tensor) -> torch.Tensor:
-    x1, x2 = x.chunk(2, dim=-1)
-    return torch.cat((-x2, x1), dim=-1)
+def apply_rope(x: torch.Tensor, cos: torch.Tensor, sin_signed: torch.Tensor) -> torch.Tensor:
+    """x*cos + rotate_half(x)*sin, with the sign of rotate_half folded into sin:
+    swapping the two halves is one flip, and the multiply-add one addcmul."""
+    *lead, D = x.shape
+    swapped = x.view(*lead, 2, D // 2).flip(-2).view(*lead, D)
+    return torch.addcmul(x * cos, swapped, sin_signed)
 
 
 class RMSNorm(nn.Module):
@@ -90,10 +93,37 @@ class RMSNorm(nn.Module):
         self.weight = nn.Parameter(torch.ones(dim))
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        # Normalise in float32 like the reference, then cast back.
-        xf = x.float()
-        xf = xf * torch.rsqrt(xf.pow(2).mean(-1, keepdim=True) + self.eps)
-        return self.weight * xf.to(x.dtype)
+        # One fused kernel (accumulates in float32 for low-precision inputs).
+        return F.rms_norm(x, self.weight.shape, self.weight, self.eps)
+
+
+INT4_MAX_TOKENS = 4  # at or below this many tokens the int4 GEMV beats the dense GEMM
+
+
+class Linear(nn.Linear):
+    """nn.Linear that can also hold its weight as packed int4 (from a GGUF Q4_1
+    tensor: groups of 32 with scale and min, mapped without further loss), used when
+    few tokens pass through. Small-batch decode is bound by reading weights, and
+    int4 reads 4x fewer bytes than bf16; larger batches use the dense weight."""
+
+    int4 = None  # (packed weight, scales-and-zeros, group size)
+
+    def attach_int4(self, q: torch.Tensor, d: torch.Tensor, m: torch.Tensor, group: int) -> bool:
+        """q: [N, K] ints 0..15; d, m: [N, K/group] with w = d*q + m."""
+        if self.weight.dtype != torch.bfloat16 or self.weight.device.type != "cpu":
+            return False  # the CPU int4 kernel is only fast with bf16 activations
+        packed = torch._convert_weight_to_int4pack_for_cpu(q.to(torch.int32).contiguous(), 8)
+        # The kernel computes (q - 8) * scale + zero, so zero = m + 8 * d.
+        sz = torch.stack([d.t(), (m + 8 * d).t()], dim=-1).to(torch.bfloat16).contiguous()
+        self.int4 = (packed, sz, group)
+        return True
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if self.int4 is not None and x.numel() <= INT4_MAX_TOKENS * self.in_features and self.bias is None:
+            packed, sz, group = self.int4
+            y = torch._weight_int4pack_mm_for_cpu(x.reshape(-1, self.in_features), packed, group, sz)
+            return y.view(*x.shape[:-1], self.out_features)
+        return F.linear(x, self.weight, self.bias)
 
 
 class Attention(nn.Module):
@@ -103,26 +133,24 @@ class Attention(nn.Module):
         self.n_heads, self.n_kv, self.head_dim = cfg.num_heads, cfg.num_kv_heads, cfg.head_dim
         q_out, kv_out = self.n_heads * self.head_dim, self.n_kv * self.head_dim
         # Fused QKV: one GEMM instead of three small ones.
-        self.qkv = nn.Linear(cfg.hidden_size, q_out + 2 * kv_out, bias=cfg.attention_bias)
-        self.o = nn.Linear(q_out, cfg.hidden_size, bias=False)
-        self.split = (q_out, kv_out, kv_out)
+        self.qkv = Linear(cfg.hidden_size, q_out + 2 * kv_out, bias=cfg.attention_bias)
+        self.o = Linear(q_out, cfg.hidden_size, bias=False)
 
     def forward(self, x, cos, sin, ctx: AttentionContext):
         B, T, _ = x.shape
-        q, k, v = self.qkv(x).split(self.split, dim=-1)
-        q = q.view(B, T, self.n_heads, self.head_dim)
-        k = k.view(B, T, self.n_kv, self.head_dim)
-        v = v.view(B, T, self.n_kv, self.head_dim)
-        q = q * cos + rotate_half(q) * sin
-        k = k * cos + rotate_half(k) * sin
+        qkv = self.qkv(x).view(B, T, self.n_heads + 2 * self.n_kv, self.head_dim)
+        # Rotary on q and k together: one set of ops for both.
+        qk = apply_rope(qkv[:, :, : self.n_heads + self.n_kv], cos, sin)
+        q, k = qk.split((self.n_heads, self.n_kv), dim=2)
+        v = qkv[:, :, self.n_heads + self.n_kv:]
         return self.o(ctx.attend(self.layer, q, k, v))
 
 
 class MLP(nn.Module):
     def __init__(self, cfg: ModelConfig):
         super().__init__()
-        self.gate_up = nn.Linear(cfg.hidden_size, 2 * cfg.intermediate_size, bias=False)
-        self.down = nn.Linear(cfg.intermediate_size, cfg.hidden_size, bias=False)
+        self.gate_up = Linear(cfg.hidden_size, 2 * cfg.intermediate_size, bias=False)
+        self.down = Linear(cfg.intermediate_size, cfg.hidden_size, bias=False)
 
     def forward(self, x):
         gate, up = self.gate_up(x).chunk(2, dim=-1)
@@ -165,9 +193,9 @@ class LlamaModel(nn.Module):
     def rope(self, positions: torch.Tensor):
         # Angles in float32 for every position in the batch (positions are per row).
         freqs = positions.unsqueeze(-1).float() * self.inv_freq
-        emb = torch.cat((freqs, freqs), dim=-1)
         dt = self.dtype
-        return emb.cos().to(dt).unsqueeze(2), emb.sin().to(dt).unsqueeze(2)
+        cos, sin = freqs.cos(), freqs.sin()
+        return torch.cat((cos, cos), -1).to(dt).unsqueeze(2), torch.cat((-sin, sin), -1).to(dt).unsqueeze(2)
 
     @torch.inference_mode()
     def forward(
@@ -199,10 +227,14 @@ def attention_over_cache(q, keys, values, mask, scale):
     kvh = keys.shape[1]
     G = H // kvh
     qg = q.view(B, T, kvh, G, D).permute(0, 2, 3, 1, 4).reshape(B, kvh, G * T, D)
-    scores = torch.matmul(qg, keys.transpose(-1, -2)).float() * scale
-    if mask is not None:
-        W = keys.shape[2]
-        scores = (scores.view(B, kvh, G, T, W) + mask.unsqueeze(1)).view(B, kvh, G * T, W)
-    probs = scores.softmax(dim=-1).to(values.dtype)
+    scores = torch.matmul(qg, keys.transpose(-1, -2))
+    W = keys.shape[2]
+    if mask is None:
+        scores = scores * scale
+    elif T == 1:  # decode: the [B, 1, 1, W] mask broadcasts over heads directly
+        scores = torch.add(mask, scores, alpha=scale)
+    else:
+        scores = torch.add(mask.unsqueeze(1), scores.view(B, kvh, G, T, W), alpha=scale).view(B, kvh, G * T, W)
+    probs = torch.softmax(scores, dim=-1, dtype=torch.float32).to(values.dtype)
     out = torch.matmul(probs, values)  # [B, KVH, G*T, D]
     return out.view(B, kvh, G, T, D).permute(0, 3, 1, 2, 4).reshape(B, T, H * D)

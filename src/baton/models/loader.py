@@ -166,7 +166,22 @@ def _unpermute_rope(w: np.ndarray, n_heads: int) -> np.ndarray:
     return w.reshape(n_heads, rows // n_heads // 2, 2, *w.shape[1:]).swapaxes(1, 2).reshape(w.shape)
 
 
-def gguf_hf_tensors(reader, cfg: ModelConfig) -> Iterable[tuple[str, torch.Tensor]]:
+def _q4_1_parts(t, shape) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """Raw Q4_1 blocks -> (q [N, K] ints 0..15, d and m [N, K/32]) with w = d*q + m.
+    Block layout (ggml): fp16 d, fp16 m, then 16 bytes whose low nibbles hold
+    elements 0..15 and high nibbles elements 16..31."""
+    N, K = shape
+    blocks = np.asarray(t.data, dtype=np.uint8).reshape(N, K // 32, 20)
+    d = blocks[..., 0:2].copy().view(np.float16)[..., 0].astype(np.float32)
+    m = blocks[..., 2:4].copy().view(np.float16)[..., 0].astype(np.float32)
+    qs = blocks[..., 4:]
+    q = np.concatenate([qs & 0x0F, qs >> 4], axis=-1).reshape(N, K)
+    return q, d, m
+
+
+def gguf_hf_tensors(reader, cfg: ModelConfig, int4: Optional[dict] = None) -> Iterable[tuple[str, torch.Tensor]]:
+    """Dequantized tensors under HF names; Q4_1 tensors' raw parts also go to `int4`."""
+    from gguf import GGMLQuantizationType
     from gguf.quants import dequantize
 
     for t in reader.tensors:
@@ -182,11 +197,17 @@ def gguf_hf_tensors(reader, cfg: ModelConfig) -> Iterable[tuple[str, torch.Tenso
         arr = dequantize(t.data, t.tensor_type)
         shape = tuple(int(s) for s in reversed(t.shape))  # GGUF lists dims innermost-first
         arr = np.array(arr, dtype=np.float32).reshape(shape)  # a writable copy
+        parts = None
+        if int4 is not None and t.tensor_type == GGMLQuantizationType.Q4_1 and len(shape) == 2:
+            parts = _q4_1_parts(t, shape)
         if cfg.architecture == "llama":
-            if name.endswith("q_proj.weight"):
-                arr = _unpermute_rope(arr, cfg.num_heads)
-            elif name.endswith("k_proj.weight"):
-                arr = _unpermute_rope(arr, cfg.num_kv_heads)
+            heads = {"q_proj.weight": cfg.num_heads, "k_proj.weight": cfg.num_kv_heads}
+            for suffix, n in heads.items():
+                if name.endswith(suffix):
+                    arr = _unpermute_rope(arr, n)
+                    parts = parts and tuple(_unpermute_rope(x, n) for x in parts)
+        if parts is not None:
+            int4[name] = tuple(torch.from_numpy(np.ascontiguousarray(x)) for x in parts)
         yield name, torch.from_numpy(np.ascontiguousarray(arr))
 
 
@@ -252,9 +273,9 @@ def build_model(cfg: ModelConfig, state_dict: dict, device, dtype) -> LlamaModel
 
 # ---------------------------------------------------------------- entry point
 
-def load_model(path: Optional[str] = None, dtype="auto", device="cpu"):
-    """Returns (model, config, tokenizer_source) where tokenizer_source tells
-    `baton.tokenizer.load_tokenizer` where to read the tokenizer."""
+def load_model(path: Optional[str] = None, dtype="auto", device="cpu", int4_small_batch: bool = True):
+    """Returns (model, config). With int4_small_batch, Q4_1 weights of a GGUF are
+    also kept packed as int4 for few-token steps (bf16 on CPU only; see Linear)."""
     path = path or default_model_path()
     p = Path(path)
     torch_dtype = resolve_dtype(dtype, device)
@@ -272,10 +293,34 @@ def load_model(path: Optional[str] = None, dtype="auto", device="cpu"):
     elif p.suffix == ".gguf" or _looks_like_gguf(p):
         reader = open_gguf(p)
         cfg = config_from_gguf(reader)
-        sd = fuse_hf_state_dict(gguf_hf_tensors(reader, cfg), cfg, torch_dtype)
+        int4 = {} if int4_small_batch else None
+        sd = fuse_hf_state_dict(gguf_hf_tensors(reader, cfg, int4), cfg, torch_dtype)
+        model = build_model(cfg, sd, device, torch_dtype)
+        if int4:
+            attach_int4(model, int4)
+        return model, cfg
     else:
         raise ModelLoadError(f"{path}: not a directory or a .gguf file")
     return build_model(cfg, sd, device, torch_dtype), cfg
+
+
+def attach_int4(model: LlamaModel, parts: dict) -> int:
+    """Give each fused linear layer whose pieces were all Q4_1 its int4 weights
+    (concatenated along output rows, as the dense weights are). Returns how many."""
+    fused = {"attn.qkv": ["self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj"],
+             "attn.o": ["self_attn.o_proj"],
+             "mlp.gate_up": ["mlp.gate_proj", "mlp.up_proj"],
+             "mlp.down": ["mlp.down_proj"]}
+    n = 0
+    for i, layer in enumerate(model.layers):
+        for ours, theirs in fused.items():
+            pieces = [parts.get(f"model.layers.{i}.{t}.weight") for t in theirs]
+            if any(p is None for p in pieces):
+                continue
+            q, d, m = (torch.cat([p[j] for p in pieces]) for j in range(3))
+            module = layer.get_submodule(ours)
+            n += module.attach_int4(q, d, m, group=q.shape[1] // d.shape[1])
+    return n
 
 
 def _looks_like_gguf(p: Path) -> bool:
