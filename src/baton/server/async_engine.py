@@ -1,0 +1,307 @@
+"""Runs an LLMEngine in its own thread and feeds per-request asyncio queues.
+
+    handlers (event loop) --submit--> executor thread: tokenize + engine.add_request
+                          --abort---> pending-abort list, applied at the next iteration boundary
+    engine thread: loop { apply aborts; step(); hand outputs to the event loop }
+                   sleeps on a threading.Event when the engine has no work (no busy-wait)
+    outputs reach the event loop with one loop.call_soon_threadsafe per iteration,
+    so the engine thread never waits on the event loop and handlers never wait on
+    the engine lock (engine calls that take it run in the executor or engine thread).
+"""
+from __future__ import annotations
+
+import asyncio
+import logging
+import threading
+import time
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass
+from typing import Callable, Optional
+
+from ..sampling import SamplingParams
+
+log = logging.getLogger("baton.server")
+
+
+class QueueFull(Exception):
+    pass
+
+
+class ShuttingDown(Exception):
+    pass
+
+
+@dataclass
+class StreamEvent:
+    """One engine output for one request, made on the engine thread (so the
+    logprobs slice and text are consistent with the tokens at that moment)."""
+    request_id: str
+    text: str                 # all text so far (final: with any stop string cut)
+    new_text: str
+    new_token_ids: list
+    new_logprobs: Optional[list]  # entries for new_token_ids, or None
+    num_tokens: int           # output tokens so far
+    prompt_tokens: int
+    finished: bool
+    finish_reason: Optional[str]
+    error: Optional[str] = None
+
+
+class RequestStream:
+    """What a handler consumes: the request's events, in order, ending with one
+    whose `finished` (or `error`) is set."""
+
+    def __init__(self, request_id: str, arrival_time: float):
+        self.request_id = request_id
+        self.arrival_time = arrival_time
+        self.queue: asyncio.Queue[StreamEvent] = asyncio.Queue()
+        self.added = False             # engine.add_request returned
+        self.abort_requested = False
+        self.done = False              # final event handed over (engine side)
+        self.first_token_time: Optional[float] = None
+        self.prompt_tokens = 0
+
+    def __aiter__(self):
+        return self._iter()
+
+    async def _iter(self):
+        while True:
+            ev = await self.queue.get()
+            yield ev
+            if ev.finished or ev.error:
+                return
+
+
+class AsyncEngine:
+    def __init__(self, engine, metrics=None, executor_workers: int = 4):
+        self.engine = engine
+        self.metrics = metrics
+        self.loop: Optional[asyncio.AbstractEventLoop] = None
+        self._streams: dict[str, RequestStream] = {}
+        self._pending_aborts: list[str] = []
+        self._lock = threading.Lock()   # guards _streams and _pending_aborts
+        self._wake = threading.Event()
+        self._stop = threading.Event()
+        self._thread: Optional[threading.Thread] = None
+        self._executor = ThreadPoolExecutor(max_workers=executor_workers, thread_name_prefix="baton-add")
+        self.draining = False
+        self.stats: dict = engine.stats()  # snapshot refreshed by the engine thread after every iteration
+        self.error: Optional[BaseException] = None
+
+    # ------------------------------------------------------------ lifecycle
+    def start(self, loop: asyncio.AbstractEventLoop) -> None:
+        if self._thread is not None:
+            return
+        if getattr(self.engine, "_baton_async_engine", None) not in (None, self):
+            raise RuntimeError("this LLMEngine is already driven by another server; one server per engine")
+        self.engine._baton_async_engine = self
+        self.loop = loop
+        self._thread = threading.Thread(target=self._run, name="baton-engine", daemon=True)
+        self._thread.start()
+
+    @property
+    def alive(self) -> bool:
+        return self._thread is not None and self._thread.is_alive()
+
+    def drain(self) -> None:
+        """Refuse new requests and abort every in-flight one (they finish with
+        finish_reason "abort"). Safe to call from any thread, several times."""
+        self.draining = True
+        with self._lock:
+            ids = list(self._streams)
+        for rid in ids:
+            self.abort(rid)
+
+    def stop(self, timeout: float = 30.0) -> None:
+        """Drain, then stop the engine thread (blocking; call from a worker thread)."""
+        self.drain()
+        self._executor.shutdown(wait=True)
+        self.drain()  # requests whose add finished while we waited
+        self._stop.set()
+        self._wake.set()
+        if self._thread is not None:
+            self._thread.join(timeout)
+            if self._thread.is_alive():
+                log.error("engine thread did not stop within %.0f s", timeout)
+        if getattr(self.engine, "_baton_async_engine", None) is self:
+            self.engine._baton_async_engine = None
+
+    # ------------------------------------------------------------ handler side (event loop)
+    @property
+    def num_in_flight(self) -> int:
+        return len(self._streams)
+
+    def queue_depth(self) -> int:
+        """Admitted requests beyond what the running batch can hold."""
+        return max(0, self.num_in_flight - self.engine.config.max_num_seqs)
+
+    async def submit(self, request_id: str, prepare: Callable[[], tuple[list[int], SamplingParams]],
+                     max_waiting: Optional[int] = None) -> RequestStream:
+        """Admit a request. `prepare` runs on an executor thread and returns the
+        prompt token ids and SamplingParams (tokenization, chat template).
+        Raises ShuttingDown, QueueFull, or the ValueError of a bad request."""
+        if self.draining or not self.alive:
+            raise ShuttingDown()
+        stream = RequestStream(request_id, time.monotonic())
+        with self._lock:
+            if max_waiting is not None and self.queue_depth() >= max_waiting:
+                raise QueueFull()
+            if request_id in self._streams:
+                raise ValueError(f"request id {request_id!r} is already in use")
+            self._streams[request_id] = stream
+
+        def add():
+            ids, params = prepare()
+            stream.prompt_tokens = len(ids)
+            self.engine.add_request(request_id, ids, params, arrival_time=stream.arrival_time)
+            return len(ids)
+
+        fut = self.loop.run_in_executor(self._executor, add)
+        try:
+            n_prompt = await asyncio.shield(fut)
+        except asyncio.CancelledError:
+            # The handler went away while the request was being added: abort it once added.
+            stream.abort_requested = True
+            fut.add_done_callback(lambda f: self._after_add(stream, f))
+            raise
+        except BaseException:
+            with self._lock:
+                self._streams.pop(request_id, None)
+            raise
+        self._after_add(stream, fut)
+        if self.metrics:
+            self.metrics.prompt_tokens.inc(n_prompt)
+        return stream
+
+    def _after_add(self, stream: RequestStream, fut) -> None:
+        if fut.cancelled() or fut.exception() is not None:
+            with self._lock:
+                self._streams.pop(stream.request_id, None)
+            return
+        stream.added = True
+        if stream.abort_requested or self.draining:
+            self.abort(stream.request_id)
+        self._wake.set()
+
+    def abort(self, request_id: str) -> None:
+        """Ask the engine thread to abort the request at the next iteration
+        boundary. Non-blocking; unknown or finished ids are ignored."""
+        with self._lock:
+            stream = self._streams.get(request_id)
+            if stream is None or stream.done:
+                return
+            stream.abort_requested = True
+            if stream.added:
+                self._pending_aborts.append(request_id)
+        self._wake.set()
+
+    # ------------------------------------------------------------ engine thread
+    def _run(self) -> None:
+        engine = self.engine
+        while True:
+            self._apply_aborts()
+            if self._stop.is_set():
+                break
+            if not engine.has_unfinished_requests():
+                self._snapshot()
+                self._wake.wait()
+                self._wake.clear()
+                continue
+            try:
+                outputs = engine.step()
+            except Exception as e:  # keep serving: fail what was in flight, free it
+                log.exception("engine step failed")
+                self.error = e
+                self._fail_all(f"engine error: {type(e).__name__}: {e}")
+                continue
+            self._dispatch(outputs)
+            self._snapshot()
+        self._snapshot()
+
+    def _snapshot(self) -> None:
+        try:
+            self.stats = self.engine.stats()
+        except Exception:  # never let metrics kill the loop
+            log.exception("engine.stats() failed")
+
+    def _apply_aborts(self) -> None:
+        with self._lock:
+            ids, self._pending_aborts = self._pending_aborts, []
+        outs = []
+        for rid in ids:
+            try:
+                outs.append(self.engine.abort(rid))
+            except KeyError:
+                pass  # finished meanwhile: its final output was already delivered
+        if outs:
+            self._dispatch(outs)
+
+    def _fail_all(self, message: str) -> None:
+        with self._lock:
+            streams = [s for s in self._streams.values() if s.added]
+        batch = []
+        for s in streams:
+            try:
+                self.engine.abort(s.request_id)
+            except Exception:
+                pass
+            with self._lock:
+                self._streams.pop(s.request_id, None)
+            s.done = True
+            batch.append((s, StreamEvent(s.request_id, "", "", [], None, 0, s.prompt_tokens, True, "abort",
+                                         error=message)))
+            if self.metrics:
+                self.metrics.aborts.inc()
+                self.metrics.finished.labels(finish_reason="abort").inc()
+        self._deliver_threadsafe(batch)
+
+    def _dispatch(self, outputs) -> None:
+        now = time.monotonic()
+        batch = []
+        m = self.metrics
+        for out in outputs:
+            with self._lock:
+                stream = self._streams.get(out.request_id)
+                if stream is None:
+                    continue  # not ours
+                if out.finished:
+                    self._streams.pop(out.request_id, None)
+                    stream.done = True
+            o = out.outputs[0]
+            n = len(o.token_ids)
+            new_ids = list(out.new_token_ids)
+            new_lp = None
+            if o.logprobs is not None and new_ids:
+                new_lp = list(o.logprobs[n - len(new_ids):n])
+            ev = StreamEvent(out.request_id, o.text, out.new_text, new_ids, new_lp, n, len(out.prompt_token_ids),
+                             out.finished, o.finish_reason)
+            batch.append((stream, ev))
+            if m is None:
+                continue
+            if new_ids:
+                m.generation_tokens.inc(len(new_ids))
+                if stream.first_token_time is None:
+                    stream.first_token_time = now
+                    m.ttft.observe(now - stream.arrival_time)
+            if out.finished:
+                m.finished.labels(finish_reason=o.finish_reason or "unknown").inc()
+                if o.finish_reason == "abort":
+                    m.aborts.inc()
+                else:
+                    m.e2e.observe(now - stream.arrival_time)
+                    if n > 1 and stream.first_token_time is not None:
+                        m.tpot.observe((now - stream.first_token_time) / (n - 1))
+        self._deliver_threadsafe(batch)
+
+    def _deliver_threadsafe(self, batch) -> None:
+        if not batch or self.loop is None:
+            return
+        try:
+            self.loop.call_soon_threadsafe(_deliver, batch)
+        except RuntimeError:  # event loop closed (process exiting)
+            pass
+
+
+def _deliver(batch) -> None:
+    for stream, ev in batch:
+        stream.queue.put_nowait(ev)
