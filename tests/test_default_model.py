@@ -9,7 +9,7 @@ import pytest
 
 from baton import LLM, SamplingParams
 from baton.tokenizer import IncrementalDetokenizer
-from conftest import load_cached, make_engine
+from testutil import load_cached, make_engine
 
 
 @pytest.fixture(scope="module")

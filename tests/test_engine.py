@@ -5,7 +5,7 @@ import pytest
 
 from baton import LLM, SamplingParams
 from baton.models.loader import ModelLoadError, load_model
-from conftest import make_engine
+from testutil import make_engine
 
 
 @pytest.mark.parametrize("kwargs, field", [

@@ -8,7 +8,7 @@ import pytest
 
 from baton import SamplingParams
 from baton.scheduler.base import ShapedBatch
-from conftest import make_engine
+from testutil import make_engine
 
 POLICIES = ["static", "orca", "baton", "baton-pd"]
 

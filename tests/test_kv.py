@@ -9,7 +9,7 @@ from baton.kv import WIDTH_ALIGN, KVBudget, ShapedKV, slot_bytes
 from baton.models.llama import ModelConfig
 from baton.scheduler.base import ShapedBatch
 from baton.sequence import Sequence
-from conftest import make_engine
+from testutil import make_engine
 
 CFG = ModelConfig(vocab_size=32, hidden_size=16, intermediate_size=32, num_layers=2, num_heads=2,
                   num_kv_heads=1, head_dim=8)
@@ -119,7 +119,7 @@ def test_memory_budget_holds_at_every_step(tiny_llama, policy):
     """Invariant 3: with a budget far below the burst's needs, every query still
     completes, exactly once, and KV in use never exceeds the budget."""
     from baton.kv import slot_bytes
-    from conftest import load_cached
+    from testutil import load_cached
 
     slot = slot_bytes(load_cached(tiny_llama)[0].cfg, torch.float32)
     engine = make_engine(tiny_llama, policy=policy, max_num_seqs=8, kv_cache_bytes=200 * slot)

@@ -46,7 +46,7 @@ def test_tiny_parity_with_hf(arch, tiny_llama, tiny_qwen2):
 def test_llama3_rope_scaling_and_tied_embeddings(tmp_path):
     import transformers
 
-    from conftest import make_tiny_model
+    from testutil import make_tiny_model
 
     path = make_tiny_model(tmp_path, "llama", tie_word_embeddings=True, rope_theta=500000.0,
                            rope_scaling={"rope_type": "llama3", "factor": 8.0, "low_freq_factor": 1.0,
@@ -66,7 +66,7 @@ def test_default_model_parity_with_hf(default_model_path):
     p = Path(default_model_path)
     hf = transformers.AutoModelForCausalLM.from_pretrained(str(p.parent), gguf_file=p.name,
                                                            dtype=torch.float32).eval()
-    from conftest import load_cached
+    from testutil import load_cached
 
     model, tok = load_cached(default_model_path, "float32")
     ids = tok.encode("The quick brown fox jumps over the lazy dog. Then it")

@@ -6,7 +6,7 @@ import pytest
 from baton import SamplingParams
 from baton.kv import KVBudgetExceeded, ShapedKV, slot_bytes
 from baton.sequence import Status
-from conftest import load_cached, make_engine
+from testutil import load_cached, make_engine
 
 
 def params(n, priority=0):
