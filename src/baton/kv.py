@@ -18,6 +18,7 @@ from __future__ import annotations
 from typing import Optional
 
 import torch
+import torch.nn.functional as F
 
 from .models.llama import ModelConfig, attention_over_cache
 
@@ -157,6 +158,9 @@ class ShapedAttention:
         self.W = max(self.W, 1)
         self.scale = cache.cfg.head_dim ** -0.5
         starts_t = torch.tensor(starts, device=device)
+        # One row feeding a run of tokens (a prefill or a chunk of one): contiguous
+        # columns, written by slicing and attended with SDPA's fused kernel.
+        self.span = (starts[0], starts[0] + T) if B == 1 and T > 1 and counts[0] == T else None
         if T == 1 and all(c == 1 for c in counts):
             # Decode: every row writes one token at its own length.
             self.dst = (torch.arange(B, device=device), starts_t)
@@ -174,9 +178,18 @@ class ShapedAttention:
         limit = starts_t.view(B, 1) + torch.arange(T, device=device).view(1, T)  # [B, T]
         allowed = cols.view(1, 1, self.W) <= limit.unsqueeze(-1)
         self.mask = torch.zeros(B, 1, T, self.W, device=device).masked_fill_(~allowed.unsqueeze(1), NEG_INF)
+        self.allowed = allowed.unsqueeze(1)  # boolean form, for SDPA (any query dtype)
 
     def attend(self, layer, q, k, v):
         kc, vc = self.cache.k[layer], self.cache.v[layer]
+        if self.span is not None:
+            a, b = self.span
+            kc[0, :, a:b] = k[0].transpose(0, 1)
+            vc[0, :, a:b] = v[0].transpose(0, 1)
+            out = F.scaled_dot_product_attention(
+                q.transpose(1, 2), kc[:1, :, :b], vc[:1, :, :b], attn_mask=None if a == 0 else self.allowed,
+                is_causal=a == 0, scale=self.scale, enable_gqa=True)
+            return out.transpose(1, 2).reshape(q.shape[0], q.shape[1], -1)
         if self.src is None:
             kc[self.dst[0], :, self.dst[1]] = k[:, 0]
             vc[self.dst[0], :, self.dst[1]] = v[:, 0]
