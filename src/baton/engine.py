@@ -68,6 +68,26 @@ class EngineConfig:
             raise ValueError(f"kv_cache_fraction must be in (0, 1]; got {self.kv_cache_fraction}")
 
 
+class TimedModel:
+    """The model as the policies see it: same calls, plus the wall time spent in
+    forwards, so the engine can split a step into model time and its own overhead
+    (scheduling, shaping inputs, sampling, detokenizing)."""
+
+    def __init__(self, model):
+        self.model = model
+        self.seconds = 0.0
+
+    def __call__(self, *args, **kwargs):
+        t0 = time.perf_counter()
+        try:
+            return self.model(*args, **kwargs)
+        finally:
+            self.seconds += time.perf_counter() - t0
+
+    def __getattr__(self, name):
+        return getattr(self.model, name)
+
+
 class LLMEngine:
     def __init__(self, config: Optional[EngineConfig] = None, *, model=None, tokenizer: Optional[Tokenizer] = None,
                  **kwargs):
@@ -92,14 +112,15 @@ class LLMEngine:
                       record_timeline=config.record_timeline)
         if config.policy == "baton-pd":
             kwargs.update(pool_size=config.pool_size, max_preemptions=config.max_preemptions)
-        self.policy = POLICIES[config.policy](model, self.cfg, self.budget, **kwargs)
+        self.timed_model = TimedModel(model)
+        self.policy = POLICIES[config.policy](self.timed_model, self.cfg, self.budget, **kwargs)
         self.requests: dict[str, Sequence] = {}
         self.detoks: dict[str, IncrementalDetokenizer] = {}
         self.logprobs: dict[str, list] = {}
         self.lock = threading.RLock()  # add/abort may come from other threads than step
         self.hooks: list[Callable[[str, Sequence], None]] = []  # metrics: (event, seq)
         self.eos_ids = set(tokenizer.eos_token_ids if tokenizer else self.cfg.eos_token_ids)
-        self.step_times: list[float] = []
+        self.step_seconds = 0.0  # wall time in step(); timed_model.seconds of it in forwards
 
     # ------------------------------------------------------------ requests
     def encode_prompt(self, prompt: Union[str, Seq[int]]) -> list[int]:
@@ -156,7 +177,7 @@ class LLMEngine:
             t0 = time.perf_counter()
             batch = self.policy.step()
             outputs = self._postprocess(batch)
-            self.step_times.append(time.perf_counter() - t0)
+            self.step_seconds += time.perf_counter() - t0
             return outputs
 
     def _postprocess(self, batch) -> list[RequestOutput]:
@@ -260,4 +281,7 @@ class LLMEngine:
             "idle_share": p.stats.idle_share,
             "kv_padding_ratio": p.stats.kv_padding_ratio,
             "preemptions": p.stats.preemptions,
+            "step_seconds": self.step_seconds,
+            "forward_seconds": self.timed_model.seconds,
+            "overhead_share": 1 - self.timed_model.seconds / self.step_seconds if self.step_seconds else 0.0,
         }
