@@ -107,6 +107,7 @@ class Linear(nn.Linear):
     int4 reads 4x fewer bytes than bf16; larger batches use the dense weight."""
 
     int4 = None  # (packed weight, scales-and-zeros, group size)
+    int4_max_tokens = INT4_MAX_TOKENS
 
     def attach_int4(self, q: torch.Tensor, d: torch.Tensor, m: torch.Tensor, group: int) -> bool:
         """q: [N, K] ints 0..15; d, m: [N, K/group] with w = d*q + m."""
@@ -119,7 +120,7 @@ class Linear(nn.Linear):
         return True
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        if self.int4 is not None and x.numel() <= INT4_MAX_TOKENS * self.in_features and self.bias is None:
+        if self.int4 is not None and x.numel() <= self.int4_max_tokens * self.in_features and self.bias is None:
             packed, sz, group = self.int4
             y = torch._weight_int4pack_mm_for_cpu(x.reshape(-1, self.in_features), packed, group, sz)
             return y.view(*x.shape[:-1], self.out_features)
