@@ -76,6 +76,7 @@ class ShapedKV:
         self.width_cap = 0
         self.k = self.v = None
         self.reallocations = 0
+        self.users = 0  # PrefilledKV entries sharing this cache
         if rows and width:
             self._reallocate(rows, width, 0, 0)
 
@@ -134,17 +135,43 @@ class ShapedKV:
         self.k[:, dst, :, :width] = self.k[:, src, :, :width]
         self.v[:, dst, :, :width] = self.v[:, src, :, :width]
 
-    def embed(self, row: int, entry: "ShapedKV", length: int) -> None:
-        """Copy a prefilled query's KV (row 0 of `entry`) into `row`, columns 0..length-1."""
-        self.k[:, row, :, :length] = entry.k[:, 0, :, :length]
-        self.v[:, row, :, :length] = entry.v[:, 0, :, :length]
+    def embed(self, row: int, entry: "PrefilledKV", length: int) -> None:
+        """Copy a prefilled query's KV into `row`, columns 0..length-1."""
+        self.k[:, row, :, :length] = entry.cache.k[:, entry.row, :, :length]
+        self.v[:, row, :, :length] = entry.cache.v[:, entry.row, :, :length]
 
-    def extract(self, row: int, length: int, budget_owner: KVBudget) -> "ShapedKV":
+    def extract(self, row: int, length: int) -> "PrefilledKV":
         """Take row `row` out intact as a one-row entry (used to park a preempted query)."""
-        entry = ShapedKV(self.cfg, self.dtype, self.device, budget_owner, rows=1, width=length)
-        entry.k[:, 0, :, :length] = self.k[:, row, :, :length]
-        entry.v[:, 0, :, :length] = self.v[:, row, :, :length]
+        entry = PrefilledKV.alone(self.cfg, self.dtype, self.device, self.budget, length)
+        entry.cache.k[:, 0, :, :length] = self.k[:, row, :, :length]
+        entry.cache.v[:, 0, :, :length] = self.v[:, row, :, :length]
         return entry
+
+
+class PrefilledKV:
+    """A query's KV outside the running batch: row `row` of `cache`. Queries
+    prefilled together share one cache, freed when the last of them lets go."""
+
+    def __init__(self, cache: ShapedKV, row: int):
+        self.cache, self.row = cache, row
+        cache.users += 1
+
+    @classmethod
+    def alone(cls, cfg, dtype, device, budget: KVBudget, width: int) -> "PrefilledKV":
+        return cls(ShapedKV(cfg, dtype, device, budget, rows=1, width=width), 0)
+
+    @classmethod
+    def group(cls, cfg, dtype, device, budget: KVBudget, widths: list[int]) -> list["PrefilledKV"]:
+        cache = ShapedKV(cfg, dtype, device, budget, rows=len(widths), width=max(widths))
+        return [cls(cache, r) for r in range(len(widths))]
+
+    def release(self) -> None:
+        if self.cache is None:
+            return
+        self.cache.users -= 1
+        if self.cache.users == 0:
+            self.cache.release()
+        self.cache = None
 
 
 class ShapedAttention:

@@ -13,7 +13,7 @@ from __future__ import annotations
 
 import torch
 
-from ..kv import KVBudgetExceeded, ShapedKV, shaped_forward
+from ..kv import KVBudgetExceeded, PrefilledKV, shaped_forward
 from ..sequence import Sequence, Status
 from .base import Policy, ShapedBatch, StepResult
 
@@ -123,7 +123,7 @@ class BatonPDPolicy(BatonPolicy):
         return bool(seq.output_ids) and seq.num_cached == self._target(seq) and not seq.is_finished
 
     def _free_entry(self, seq: Sequence) -> None:
-        if isinstance(seq.kv, ShapedKV):
+        if isinstance(seq.kv, PrefilledKV):
             seq.kv.release()
         seq.kv = None
 
@@ -146,7 +146,7 @@ class BatonPDPolicy(BatonPolicy):
         victim.num_preemptions += 1
         self.stats.preemptions += 1
         try:
-            victim.kv = self.batch.cache.extract(victim.row, victim.num_cached, self.budget)
+            victim.kv = self.batch.cache.extract(victim.row, victim.num_cached)
         except KVBudgetExceeded:
             victim.kv = None
         self.batch.remove(victim)
@@ -191,41 +191,72 @@ class BatonPDPolicy(BatonPolicy):
         growth = 0 if rows <= cache.rows_cap and width <= cache.width_cap else cache.bytes_for(rows, width)
         return self.budget.fits(self._target(seq) * self.slot + growth)
 
-    def _next_to_prefill(self) -> Sequence | None:
-        if not self.waiting:
-            return None
-        seq = self.waiting[0]
-        fresh = [s for s in self.pool if s.status is Status.PREFILLED]
-        room = len(fresh) < self.pool_size or all(seq.sort_key < s.sort_key for s in self.pool)
-        if not room or not self._pool_admission_fits(seq):
-            return None
-        seq.kv = ShapedKV(self.cfg, self.model.dtype, self.model.device, self.budget,
-                          rows=1, width=self._target(seq))
-        self.waiting.pop(0)
-        seq.status = Status.PREFILLED
-        self.pool.append(seq)
-        return seq
+    def _take_group(self, budget: int) -> list[Sequence]:
+        """Move waiting queries into the pool to be prefilled together this iteration:
+        in queue order, while there is pool room, memory (reserve-on-admit) and
+        prefill budget. A first query longer than the budget goes alone, chunked."""
+        group: list[Sequence] = []
+        while self.waiting:
+            seq = self.waiting[0]
+            fresh = [s for s in self.pool if s.status is Status.PREFILLED]
+            room = len(fresh) < self.pool_size or all(seq.sort_key < s.sort_key for s in self.pool)
+            need = self._target(seq)
+            if not room or not self._pool_admission_fits(seq) or (group and need > budget):
+                break
+            self.waiting.pop(0)
+            seq.status = Status.PREFILLED
+            self.pool.append(seq)
+            group.append(seq)
+            budget -= need
+            if budget <= 0:
+                break
+        widths = [self._target(s) for s in group]
+        while group:
+            try:
+                if len(group) == 1 or widths[0] > self.max_prefill_tokens:
+                    group[0].kv = PrefilledKV.alone(self.cfg, self.model.dtype, self.model.device, self.budget,
+                                                    widths[0])
+                    for s in group[1:]:
+                        self._unpool(s)
+                    return group[:1]
+                for s, kv in zip(group, PrefilledKV.group(self.cfg, self.model.dtype, self.model.device,
+                                                          self.budget, widths)):
+                    s.kv = kv
+                return group
+            except KVBudgetExceeded:  # padding of the shared cache did not fit: take fewer
+                self._unpool(group.pop())
+                widths.pop()
+        return group
+
+    def _unpool(self, seq: Sequence) -> None:
+        self.pool.remove(seq)
+        seq.status = Status.WAITING
+        self.add(seq)
 
     def _prefill(self) -> tuple[list[Sequence], list[torch.Tensor], int, int]:
-        """Prefill into the pool, at most max_prefill_tokens per iteration."""
+        """Prefill into the pool, at most max_prefill_tokens per iteration. Short
+        prompts are prefilled together in one forward (their KV shares one cache);
+        a long prompt is prefilled alone in chunks across iterations."""
         budget, seqs, logits, computed, useful = self.max_prefill_tokens, [], [], 0, 0
         unfinished = sorted((s for s in self.pool if s.num_cached < self._target(s)), key=lambda s: s.sort_key)
         while budget > 0:
-            seq = unfinished.pop(0) if unfinished else self._next_to_prefill()
-            if seq is None:
+            group = [unfinished.pop(0)] if unfinished else self._take_group(budget)
+            if not group:
                 break
-            todo = (seq.prompt_ids + seq.output_ids)[seq.num_cached: self._target(seq)]
-            chunk = todo[:budget]
             # A fresh query samples its first token at the end of its prefill; a
             # recomputed one already has its pending token.
-            sample_now = len(chunk) == len(todo) and not seq.output_ids
-            out, _, c, u = shaped_forward(self.model, seq.kv, [seq.num_cached], [chunk], [sample_now])
-            seq.num_cached += len(chunk)
-            budget -= len(chunk)
+            todo = [(s.prompt_ids + s.output_ids)[s.num_cached: self._target(s)] for s in group]
+            chunks = [t[:budget] for t in todo]
+            sample = [len(c) == len(t) and not s.output_ids for s, c, t in zip(group, chunks, todo)]
+            cache = group[0].kv.cache
+            out, rows, c, u = shaped_forward(self.model, cache, [s.num_cached for s in group], chunks, sample)
+            for s, chunk in zip(group, chunks):
+                s.num_cached += len(chunk)
+                budget -= len(chunk)
             computed += c
             useful += u
-            if sample_now:
-                seqs.append(seq)
+            if rows:
+                seqs += [group[r] for r in rows]
                 logits.append(out)
         return seqs, logits, computed, useful
 
