@@ -132,3 +132,16 @@ def test_memory_budget_holds_at_every_step(tiny_llama, policy):
         assert engine.budget.used <= engine.budget.limit
     assert sorted(done, key=int) == [str(i) for i in range(12)]
     assert engine.budget.peak <= engine.budget.limit
+
+
+def test_rows_shrink_when_the_batch_empties_out():
+    batch = ShapedBatch(CFG, torch.float32, "cpu", KVBudget(1 << 26), max_rows=16)
+    seqs = [seq(10, 10) for _ in range(16)]
+    for s in seqs:
+        assert batch.can_admit(s)
+        batch.admit(s)
+    assert batch.cache.rows_cap == 16
+    for s in seqs[:15]:
+        batch.remove(s)
+    assert batch.cache.rows_cap <= 4 and len(batch) == 1
+    assert seqs[15].row == 0

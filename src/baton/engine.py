@@ -64,6 +64,10 @@ class EngineConfig:
             raise ValueError(f"max_num_seqs must be >= 1; got {self.max_num_seqs}")
         if self.max_prefill_tokens < 1:
             raise ValueError(f"max_prefill_tokens must be >= 1; got {self.max_prefill_tokens}")
+        if self.pool_size < 1:
+            raise ValueError(f"pool_size must be >= 1; got {self.pool_size}")
+        if self.max_preemptions < 0:
+            raise ValueError(f"max_preemptions must be >= 0; got {self.max_preemptions}")
         if not (0 < self.kv_cache_fraction <= 1):
             raise ValueError(f"kv_cache_fraction must be in (0, 1]; got {self.kv_cache_fraction}")
 

@@ -104,12 +104,15 @@ class ShapedKV:
                 return True
         return False
 
-    def shrink_width(self, width: int, live_rows: int) -> None:
-        """Give memory back once the longest query has left (only when capacity is
-        more than twice the need, so shrinking is amortised too)."""
-        target = round_width(width)
-        if self.width_cap > 2 * target and self.budget.fits(self.bytes_for(self.rows_cap, target)):
-            self._reallocate(self.rows_cap, target, live_rows, width)
+    def shrink(self, live_rows: int, width: int) -> None:
+        """Give memory back when the batch has emptied out or its longest query has
+        left: only when a dimension is over 4x (rows) or 2x (width) the need, so
+        shrinking, like growing, is amortised."""
+        target_w = round_width(width) if self.width_cap > 2 * round_width(width) else self.width_cap
+        target_r = max(2 * live_rows, 1) if self.rows_cap > 4 * max(live_rows, 1) else self.rows_cap
+        if (target_r, target_w) != (self.rows_cap, self.width_cap) and \
+                self.budget.fits(self.bytes_for(target_r, target_w)):
+            self._reallocate(target_r, target_w, live_rows, min(width, self.width_cap))
 
     def _reallocate(self, rows: int, width: int, live_rows: int, live_width: int) -> None:
         new_bytes = self.bytes_for(rows, width)

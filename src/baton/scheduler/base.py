@@ -150,7 +150,7 @@ class ShapedBatch:
         self.rows.pop()
         seq.row = None
         if self.rows:
-            self.cache.shrink_width(self.final_width(), len(self.rows))
+            self.cache.shrink(len(self.rows), self.final_width())
         else:
             self.cache.release()
 
