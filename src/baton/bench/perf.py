@@ -1,0 +1,197 @@
+"""Decode and prefill speed at fixed batch sizes, against HF transformers `generate`
+and the machine's roofline, all in one run (issue 5's targets 1, 3 and 4).
+
+For each batch size B: B requests of `prompt_len` prompt tokens and `output_len`
+output tokens (forced with ignore_eos, greedy), all at t=0.
+- baton: one engine (baton-pd, max_num_seqs=B). Prefill tok/s = prompt tokens /
+  time until every request has its first token; decode tok/s = tokens produced in
+  the iterations after that / their time; end-to-end output tok/s = all output
+  tokens / total time. The engine's own split of step time (model forward vs
+  scheduling, input shaping, sampling, detokenization) is the overhead share.
+  Run twice: with the int4 small-batch GEMV (GGUF Q4_1 weights) and dense only.
+- HF transformers `generate` on the same B requests as one static batch, same
+  weights, dtype and thread count: end-to-end output tok/s.
+"""
+from __future__ import annotations
+
+import gc
+import time
+from typing import Iterable
+
+import torch
+from tqdm.auto import tqdm
+
+from ..engine import EngineConfig, LLMEngine
+from ..sampling import SamplingParams
+
+# llama.cpp on this kind of machine (shared/docs/baton-notes.md; same SmolLM2 weights as a
+# BF16 GGUF, 2 threads, 64-token prompts): quoted for reference, not re-measured here.
+LLAMA_CPP_DECODE_BF16 = {1: 105, 8: 333, 32: 511}
+LLAMA_CPP_PREFILL_BF16 = "820-1140"
+
+
+def prompts_for(vocab: int, batch: int, prompt_len: int) -> list[list[int]]:
+    lo = max(vocab // 16, 1)
+    return [[lo + (b * 131 + j * 7) % (vocab - lo - 1) for j in range(prompt_len)] for b in range(batch)]
+
+
+def set_int4(model, enabled: bool) -> int:
+    """Turn the int4 small-batch path on or off for every linear that has one."""
+    from ..models.llama import INT4_MAX_TOKENS, Linear
+
+    n = 0
+    for m in model.modules():
+        if isinstance(m, Linear) and m.int4 is not None:
+            m.int4_max_tokens = INT4_MAX_TOKENS if enabled else 0
+            n += 1
+    return n
+
+
+def baton_speed(model, tok, batch: int, prompt_len: int, output_len: int) -> dict:
+    engine = LLMEngine(EngineConfig(policy="baton-pd", max_num_seqs=batch, pool_size=batch,
+                                    max_prefill_tokens=prompt_len * batch, kv_cache_bytes=2 << 30),
+                       model=model, tokenizer=tok)
+    prompts = prompts_for(model.cfg.vocab_size, batch, prompt_len)
+    t0 = time.perf_counter()
+    for i, p in enumerate(prompts):
+        engine.add_request(str(i), p, SamplingParams(max_tokens=output_len, temperature=0, ignore_eos=True))
+    started: set[str] = set()
+    produced = 0
+    while len(started) < batch:
+        for o in engine.step():
+            started.add(o.request_id)
+            produced += len(o.new_token_ids)
+    t_prefill = time.perf_counter() - t0
+    s0 = engine.stats()
+    t1 = time.perf_counter()
+    decode_tokens = 0
+    while engine.has_unfinished_requests():
+        decode_tokens += sum(len(o.new_token_ids) for o in engine.step())
+    t_decode = time.perf_counter() - t1
+    s1 = engine.stats()
+    step_s = s1["step_seconds"] - s0["step_seconds"]
+    fwd_s = s1["forward_seconds"] - s0["forward_seconds"]
+    total = produced + decode_tokens
+    assert total == batch * output_len
+    return {"batch": batch, "prefill_tok_s": batch * prompt_len / t_prefill, "decode_tok_s": decode_tokens / t_decode,
+            "e2e_output_tok_s": total / (t_prefill + t_decode), "total_time_s": t_prefill + t_decode,
+            "decode_step_ms": 1000 * t_decode / max(s1["iterations"] - s0["iterations"], 1),
+            "decode_overhead_share": 1 - fwd_s / step_s if step_s else 0.0,
+            "decode_forward_share": fwd_s / step_s if step_s else 0.0}
+
+
+def hf_speed(hf_model, batch: int, prompt_len: int, output_len: int, vocab: int) -> dict:
+    from .hf_baselines import hf_generate_static
+    from .workloads import BenchRequest
+
+    reqs = [BenchRequest(prompt=p, prompt_len=prompt_len, output_len=output_len)
+            for p in prompts_for(vocab, batch, prompt_len)]
+    r = hf_generate_static(hf_model, reqs, batch, progress=False)
+    return {"batch": batch, "e2e_output_tok_s": r["output_throughput"], "total_time_s": r["total_time_s"]}
+
+
+def run_perf(loaded, batches: Iterable[int] = (1, 8, 32), prompt_len: int = 64, output_len: int = 64,
+             hf_model=None, roof: dict | None = None, progress: bool = True) -> dict:
+    """All measurements of the perf section, in this process, one after the other."""
+    from . import roofline
+
+    batches = list(batches)
+    model, tok = loaded.model, loaded.tokenizer
+    has_int4 = set_int4(model, True) > 0
+    variants = [("baton (int4 GEMV at <= 4 tokens)", True), ("baton (dense only)", False)] if has_int4 \
+        else [("baton", False)]
+    rows: dict[str, list] = {name: [] for name, _ in variants}
+    bar = tqdm(total=len(batches) * (len(variants) + (hf_model is not None)), desc="perf", disable=not progress)
+    baton_speed(model, tok, 2, 8, 4)  # warm-up
+    for b in batches:
+        for name, int4 in variants:
+            set_int4(model, int4)
+            gc.collect()
+            rows[name].append(baton_speed(model, tok, b, prompt_len, output_len))
+            bar.update(1)
+        if hf_model is not None:
+            rows.setdefault("HF transformers generate", []).append(
+                hf_speed(hf_model, b, prompt_len, output_len, model.cfg.vocab_size))
+            bar.update(1)
+    set_int4(model, True)
+    bar.close()
+    roof = roof or roofline.measure(model, batches=batches)
+    ceilings = {g["batch"]: g["gemm_ceiling_tok_s"] for g in roof["gemm"]}
+    best = rows[variants[0][0]]
+    hf = rows.get("HF transformers generate")
+    ratios = {}
+    for i, b in enumerate(batches):
+        r = best[i]
+        entry = {"decode_share_of_gemm_ceiling": r["decode_tok_s"] / ceilings[b] if b in ceilings else None,
+                 "decode_share_of_bandwidth_floor_bf16": r["decode_tok_s"] / (b * roof["bandwidth_ceiling_tok_s_per_row"]),
+                 "decode_vs_llama_cpp_bf16": r["decode_tok_s"] / LLAMA_CPP_DECODE_BF16[b]
+                 if b in LLAMA_CPP_DECODE_BF16 else None}
+        if hf:
+            entry["e2e_vs_hf_generate"] = r["e2e_output_tok_s"] / hf[i]["e2e_output_tok_s"]
+            dense = rows.get("baton (dense only)")
+            if dense:
+                entry["dense_e2e_vs_hf_generate"] = dense[i]["e2e_output_tok_s"] / hf[i]["e2e_output_tok_s"]
+        ratios[b] = entry
+    return {"prompt_len": prompt_len, "output_len": output_len, "rows": rows, "ratios": ratios, "roofline": roof,
+            "threads": torch.get_num_threads(),
+            "llama_cpp_reference": {"decode_bf16": LLAMA_CPP_DECODE_BF16, "prefill_bf16": LLAMA_CPP_PREFILL_BF16,
+                                    "source": "shared/docs/baton-notes.md (not re-measured in this run)"}}
+
+
+def render_perf(perf: dict) -> str:
+    lines = [f"Requests: B x ({perf['prompt_len']}-token prompt, {perf['output_len']} output tokens), "
+             f"all at t=0; {perf['threads']} threads.", "",
+             "| system | batch | prefill tok/s | decode tok/s | end-to-end out tok/s | decode overhead share |",
+             "|---|---|---|---|---|---|"]
+    for name, rows in perf["rows"].items():
+        for r in rows:
+            f = lambda k, fmt="{:.1f}": fmt.format(r[k]) if k in r else "-"  # noqa: E731
+            lines.append(f"| {name} | {r['batch']} | {f('prefill_tok_s')} | {f('decode_tok_s')} | "
+                         f"{f('e2e_output_tok_s')} | {f('decode_overhead_share', '{:.1%}')} |")
+    ref = perf["llama_cpp_reference"]
+    for b, v in ref["decode_bf16"].items():
+        lines.append(f"| llama.cpp BF16 (notes, not re-measured) | {b} | {ref['prefill_bf16']} | {v} | - | - |")
+    lines += ["", "| batch | baton e2e / HF generate | dense-only e2e / HF | decode / GEMM ceiling "
+                  "(model's GEMM shapes) | decode / bf16 bandwidth floor | decode / llama.cpp |",
+              "|---|---|---|---|---|---|"]
+    for b, r in perf["ratios"].items():
+        g = lambda k, fmt="{:.2f}x": fmt.format(r[k]) if r.get(k) is not None else "-"  # noqa: E731
+        lines.append(f"| {b} | {g('e2e_vs_hf_generate')} | {g('dense_e2e_vs_hf_generate')} | "
+                     f"{g('decode_share_of_gemm_ceiling', '{:.0%}')} | "
+                     f"{g('decode_share_of_bandwidth_floor_bf16', '{:.0%}')} | {g('decode_vs_llama_cpp_bf16')} |")
+    return "\n".join(lines)
+
+
+def cmd_perf(args) -> int:
+    import json
+    from pathlib import Path
+
+    from .hf_baselines import load_hf_model
+    from .report import machine_info
+    from .throughput import load_for_bench
+
+    if args.num_threads:
+        torch.set_num_threads(args.num_threads)
+    loaded = load_for_bench(args.model, args.dtype)
+    hf = None if args.no_hf else load_hf_model(loaded.path, loaded.dtype)
+    batches = (1, 4) if args.quick else (1, 8, 32)
+    perf = run_perf(loaded, batches, 16 if args.quick else 64, 8 if args.quick else 64, hf_model=hf)
+    perf["machine"] = machine_info(loaded.dtype, torch.get_num_threads())
+    out = Path(args.out)
+    out.mkdir(parents=True, exist_ok=True)
+    (out / "perf.json").write_text(json.dumps(perf, indent=2, default=str))
+    text = render_perf(perf)
+    (out / "report.md").write_text(f"# Decode and prefill speed\n\nMachine: {perf['machine']}\n\n{text}\n")
+    print(text)
+    return 0
+
+
+def add_parser(subparsers) -> None:
+    p = subparsers.add_parser("perf", help="decode/prefill tok/s at batch 1, 8, 32 vs HF generate and the roofline")
+    p.add_argument("--model", default=None, help="HF model directory or .gguf file (default: SmolLM2-135M-Instruct)")
+    p.add_argument("--dtype", default="auto")
+    p.add_argument("--quick", action="store_true")
+    p.add_argument("--no-hf", action="store_true", help="skip the HF transformers baseline")
+    p.add_argument("--num-threads", type=int, default=None)
+    p.add_argument("--out", default="benchmarks/results/perf")
+    p.set_defaults(func=cmd_perf)
