@@ -289,6 +289,8 @@ def render(p: dict) -> str:
              "every system; each system gets a short warm-up that is not timed.\n"
              "- Total time = first arrival to last completion. TTFT = arrival to first token; TPOT = (E2E - TTFT) "
              "/ (tokens - 1); E2E = arrival to last token. Throughput counts only successful requests.\n"
+             "- Every number is a single run. Two full runs of this benchmark on the same quiet 2-core machine "
+             "differed by up to about 20% for the same row; treat smaller differences as noise.\n"
              "- The paper's testbed was a GPU; this is a 2-core CPU re-run of the same experiments, so absolute "
              "numbers are not comparable, only the direction and size of the effects.\n")
     if cfg.get("quick"):
