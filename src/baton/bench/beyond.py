@@ -165,33 +165,26 @@ def plot(data: dict, out: Path) -> list[str]:
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    files = []
-    a = data["priority"]["results"]
-    fig, ax = plt.subplots(figsize=(6, 3.5))
-    keys = ["high_p99_ttft_ms", "high_p99_time_to_second_token_ms", "high_p99_e2e_ms"]
-    x = np.arange(len(keys))
-    for i, (name, r) in enumerate(a.items()):
-        ax.bar(x + 0.38 * i, [r[k] for k in keys], 0.38, label=name)
-    ax.set_xticks(x + 0.19, ["p99 TTFT", "p99 to 2nd token", "p99 E2E"])
-    ax.set_ylabel("ms (high-priority queries)")
-    ax.set_title("Priority under saturating low-priority load")
-    ax.legend()
-    fig.tight_layout()
-    fig.savefig(out / "priority.png", dpi=120)
-    files.append("priority.png")
+    def grouped_bars(results: dict, keys: list[str], labels: list[str], ylabel: str, title: str, name: str):
+        fig, ax = plt.subplots(figsize=(6, 3.5))
+        x = np.arange(len(keys))
+        for i, (setting, r) in enumerate(results.items()):
+            ax.bar(x + 0.38 * i, [r[k] for k in keys], 0.38, label=setting)
+        ax.set_xticks(x + 0.19, labels)
+        ax.set_ylabel(ylabel)
+        ax.set_title(title)
+        ax.legend()
+        fig.tight_layout()
+        fig.savefig(out / name, dpi=120)
+        files.append(name)
 
-    b = data["prefill"]["results"]
-    fig, ax = plt.subplots(figsize=(6, 3.5))
-    keys = ["median_itl_ms", "p99_itl_ms", "max_itl_ms"]
-    for i, (name, r) in enumerate(b.items()):
-        ax.bar(x + 0.38 * i, [r[k] for k in keys], 0.38, label=name)
-    ax.set_xticks(x + 0.19, ["median ITL", "p99 ITL", "max ITL"])
-    ax.set_ylabel("ms (running queries)")
-    ax.set_title(f"ITL while {data['prefill']['setup']['long_prompt_tokens']}-token prompts arrive")
-    ax.legend()
-    fig.tight_layout()
-    fig.savefig(out / "prefill_itl.png", dpi=120)
-    files.append("prefill_itl.png")
+    files = []
+    grouped_bars(data["priority"]["results"], ["high_p99_ttft_ms", "high_p99_time_to_second_token_ms",
+                                               "high_p99_e2e_ms"], ["p99 TTFT", "p99 to 2nd token", "p99 E2E"],
+                 "ms (high-priority queries)", "Priority under saturating low-priority load", "priority.png")
+    grouped_bars(data["prefill"]["results"], ["median_itl_ms", "p99_itl_ms", "max_itl_ms"],
+                 ["median ITL", "p99 ITL", "max ITL"], "ms (running queries)",
+                 f"ITL while {data['prefill']['setup']['long_prompt_tokens']}-token prompts arrive", "prefill_itl.png")
 
     c = data["memory"]["results"]
     fig, ax = plt.subplots(figsize=(6, 3.5))
