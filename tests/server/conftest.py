@@ -13,6 +13,7 @@ import json
 import time
 
 import httpx
+import openai
 import pytest
 from prometheus_client.parser import text_string_to_metric_families
 
@@ -154,3 +155,16 @@ def tiny_model_dir(tmp_path_factory, engine):
     LlamaForCausalLM(cfg).save_pretrained(d, safe_serialization=True)
     engine.tokenizer.hf.save_pretrained(d)
     return str(d)
+
+
+# One server (and openai client) per test module, around the shared engine.
+@pytest.fixture(scope="module")
+def server(engine):
+    with serve(engine) as srv:
+        yield srv
+
+
+@pytest.fixture(scope="module")
+def client(server):
+    with openai.OpenAI(base_url=server.url + "/v1", api_key="unused", max_retries=0, timeout=120) as c:
+        yield c

@@ -6,22 +6,7 @@ import socket
 import threading
 from concurrent.futures import ThreadPoolExecutor
 
-import openai
-import pytest
-
-from .conftest import MODEL, SSEReader, metric, serve, wait_for
-
-
-@pytest.fixture(scope="module")
-def server(engine):
-    with serve(engine) as srv:
-        yield srv
-
-
-@pytest.fixture(scope="module")
-def client(server):
-    with openai.OpenAI(base_url=server.url + "/v1", api_key="unused", max_retries=0, timeout=120) as c:
-        yield c
+from .conftest import MODEL, SSEReader, metric, wait_for
 
 
 def running(url) -> float:

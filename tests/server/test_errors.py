@@ -8,12 +8,6 @@ import pytest
 from .conftest import MODEL, SSEReader, assert_error, metric, serve, wait_for
 
 
-@pytest.fixture(scope="module")
-def server(engine):
-    with serve(engine) as srv:
-        yield srv
-
-
 def still_serves(url: str) -> None:
     r = httpx.post(url + "/v1/completions", json={"model": MODEL, "prompt": "Hi", "max_tokens": 2,
                                                   "temperature": 0}, timeout=60)

@@ -2,16 +2,9 @@
 from __future__ import annotations
 
 import httpx
-import pytest
 from prometheus_client.parser import text_string_to_metric_families
 
-from .conftest import MODEL, metrics, serve
-
-
-@pytest.fixture(scope="module")
-def server(engine):
-    with serve(engine) as srv:
-        yield srv
+from .conftest import MODEL, metrics
 
 
 def test_metrics_parse_and_move(server, engine):

@@ -21,6 +21,7 @@ from tqdm.auto import tqdm
 from ..engine import EngineConfig, LLMEngine
 from ..kv import slot_bytes
 from ..sampling import SamplingParams
+from .metrics import percentile
 
 
 @dataclass
@@ -66,10 +67,6 @@ def ms(x) -> float:
     return float(x) * 1000.0
 
 
-def pct(values, q) -> float:
-    return float(np.percentile(values, q)) if len(values) else float("nan")
-
-
 def tokens(rng: random.Random, n: int, vocab: int) -> list[int]:
     return [rng.randrange(100, vocab - 1) for _ in range(n)]
 
@@ -99,9 +96,9 @@ def priority_experiment(model, tok, quick: bool) -> dict:
         e2e = [r.token_times[-1] - r.added for r in high]
         low_tokens = sum(len(r.token_times) for r in reqs if r.tag == "low")
         results[name] = {
-            "high_p99_ttft_ms": ms(pct(ttft, 99)), "high_mean_ttft_ms": ms(np.mean(ttft)),
-            "high_p99_time_to_second_token_ms": ms(pct(second, 99)),
-            "high_p99_e2e_ms": ms(pct(e2e, 99)), "high_mean_e2e_ms": ms(np.mean(e2e)),
+            "high_p99_ttft_ms": ms(percentile(ttft, 99)), "high_mean_ttft_ms": ms(np.mean(ttft)),
+            "high_p99_time_to_second_token_ms": ms(percentile(second, 99)),
+            "high_p99_e2e_ms": ms(percentile(e2e, 99)), "high_mean_e2e_ms": ms(np.mean(e2e)),
             "preemptions": engine.policy.stats.preemptions,
             "total_output_tok_s": sum(len(r.token_times) for r in reqs) / summary["duration_s"],
             "low_output_tokens": low_tokens, **summary,
@@ -126,8 +123,8 @@ def prefill_experiment(model, tok, quick: bool) -> dict:
         summary = run(engine, reqs)
         itl = [b - a for r in reqs if r.tag == "run" for a, b in zip(r.token_times, r.token_times[1:])]
         long_ttft = [r.token_times[0] - r.added for r in reqs if r.tag == "long"]
-        results[name] = {"p99_itl_ms": ms(pct(itl, 99)), "max_itl_ms": ms(max(itl)), "mean_itl_ms": ms(np.mean(itl)),
-                         "median_itl_ms": ms(pct(itl, 50)), "long_mean_ttft_ms": ms(np.mean(long_ttft)),
+        results[name] = {"p99_itl_ms": ms(percentile(itl, 99)), "max_itl_ms": ms(max(itl)), "mean_itl_ms": ms(np.mean(itl)),
+                         "median_itl_ms": ms(percentile(itl, 50)), "long_mean_ttft_ms": ms(np.mean(long_ttft)),
                          "max_prefill_tokens": bound if bound < (1 << 30) else None, **summary}
     return {"setup": {"running": n_run, "long_prompts": n_long, "long_prompt_tokens": long_len},
             "results": results}
@@ -226,7 +223,7 @@ def main(model_path: Optional[str], dtype: str, quick: bool, out_dir: str, num_t
     for key, fn in tqdm([("priority", priority_experiment), ("prefill", prefill_experiment),
                          ("memory", memory_experiment)], desc="beyond"):
         data[key] = fn(model, tok, quick)
-    files = plot(data, out)
+    plot(data, out)
     (out / "beyond.json").write_text(json.dumps(data, indent=2))
     md = ["# Beyond the paper: preemption, stall-free prefill, memory budgets", "",
           f"Machine: {data['machine']}", "",

@@ -184,9 +184,8 @@ class BatonPDPolicy(BatonPolicy):
 
     # ---- prefill into the pool
     def _pool_admission_fits(self, seq: Sequence) -> bool:
-        pooled = [s for s in self.pool]
-        rows = min(self.max_num_seqs, len(self.batch) + len(pooled) + 1)
-        width = max([self.batch.final_width(), seq.max_len] + [s.max_len for s in pooled])
+        rows = min(self.max_num_seqs, len(self.batch) + len(self.pool) + 1)
+        width = max([self.batch.final_width(), seq.max_len] + [s.max_len for s in self.pool])
         cache = self.batch.cache
         growth = 0 if rows <= cache.rows_cap and width <= cache.width_cap else cache.bytes_for(rows, width)
         return self.budget.fits(self._target(seq) * self.slot + growth)
