@@ -108,6 +108,19 @@ class Linear(nn.Linear):
 
     int4 = None  # (packed weight, scales-and-zeros, group size)
     int4_max_tokens = INT4_MAX_TOKENS
+    packed = None  # the weight reordered for oneDNN (CPU), see prepack
+
+    def prepack(self) -> bool:
+        """Keep a copy of the weight in oneDNN's blocked layout. On CPU,
+        F.linear on the plain [out, in] weight ran 1.1-3.7x slower than oneDNN's
+        prepacked GEMM at 1-32 tokens (bf16 and fp32; the lm_head GEMV most of
+        all), for the same weights and arithmetic."""
+        w = self.weight
+        if w.device.type != "cpu" or w.dtype not in (torch.bfloat16, torch.float32) \
+                or not torch.backends.mkldnn.is_available():
+            return False
+        self.packed = torch.ops.mkldnn._reorder_linear_weight(w.detach(), 32)
+        return True
 
     def attach_int4(self, q: torch.Tensor, d: torch.Tensor, m: torch.Tensor, group: int) -> bool:
         """q: [N, K] ints 0..15; d, m: [N, K/group] with w = d*q + m."""
@@ -123,6 +136,10 @@ class Linear(nn.Linear):
         if self.int4 is not None and x.numel() <= self.int4_max_tokens * self.in_features and self.bias is None:
             packed, sz, group = self.int4
             y = torch._weight_int4pack_mm_for_cpu(x.reshape(-1, self.in_features), packed, group, sz)
+            return y.view(*x.shape[:-1], self.out_features)
+        if self.packed is not None:
+            y = torch.ops.mkldnn._linear_pointwise(x.reshape(-1, self.in_features), self.packed, self.bias,
+                                                   "none", [], "")
             return y.view(*x.shape[:-1], self.out_features)
         return F.linear(x, self.weight, self.bias)
 
@@ -178,10 +195,15 @@ class LlamaModel(nn.Module):
         self.embed = nn.Embedding(cfg.vocab_size, cfg.hidden_size)
         self.layers = nn.ModuleList(Block(cfg, i) for i in range(cfg.num_layers))
         self.norm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
-        self.lm_head = nn.Linear(cfg.hidden_size, cfg.vocab_size, bias=False)
+        self.lm_head = Linear(cfg.hidden_size, cfg.vocab_size, bias=False)
         if cfg.tie_word_embeddings:
             self.lm_head.weight = self.embed.weight
         self.register_buffer("inv_freq", rope_inv_freq(cfg), persistent=False)
+
+    def prepack(self) -> int:
+        """Prepack every linear layer's weight for the CPU GEMM (see Linear.prepack);
+        returns how many were packed (0 off CPU)."""
+        return sum(m.prepack() for m in self.modules() if isinstance(m, Linear))
 
     @property
     def dtype(self) -> torch.dtype:

@@ -272,9 +272,11 @@ def build_model(cfg: ModelConfig, state_dict: dict, device, dtype) -> LlamaModel
 
 # ---------------------------------------------------------------- entry point
 
-def load_model(path: Optional[str] = None, dtype="auto", device="cpu", int4_small_batch: bool = True):
+def load_model(path: Optional[str] = None, dtype="auto", device="cpu", int4_small_batch: bool = True,
+               prepack: bool = True):
     """Returns (model, config). With int4_small_batch, Q4_1 weights of a GGUF are
-    also kept packed as int4 for few-token steps (bf16 on CPU only; see Linear)."""
+    also kept packed as int4 for few-token steps (bf16 on CPU only; see Linear).
+    With prepack, linear weights get a oneDNN-blocked copy on CPU (see Linear.prepack)."""
     path = path or default_model_path()
     p = Path(path)
     torch_dtype = resolve_dtype(dtype, device)
@@ -288,7 +290,7 @@ def load_model(path: Optional[str] = None, dtype="auto", device="cpu", int4_smal
             cfg = config_from_hf(json.loads(cfg_file.read_text()))
         except (json.JSONDecodeError, KeyError) as e:
             raise ModelLoadError(f"bad config.json in {p}: {e}") from e
-        sd = fuse_hf_state_dict(safetensors_hf_tensors(p), cfg, torch_dtype)
+        model = build_model(cfg, fuse_hf_state_dict(safetensors_hf_tensors(p), cfg, torch_dtype), device, torch_dtype)
     elif p.suffix == ".gguf" or _looks_like_gguf(p):
         reader = open_gguf(p)
         cfg = config_from_gguf(reader)
@@ -297,10 +299,11 @@ def load_model(path: Optional[str] = None, dtype="auto", device="cpu", int4_smal
         model = build_model(cfg, sd, device, torch_dtype)
         if int4:
             attach_int4(model, int4)
-        return model, cfg
     else:
         raise ModelLoadError(f"{path}: not a directory or a .gguf file")
-    return build_model(cfg, sd, device, torch_dtype), cfg
+    if prepack:
+        model.prepack()
+    return model, cfg
 
 
 def attach_int4(model: LlamaModel, parts: dict) -> int:
