@@ -56,6 +56,23 @@ def load_hf_model(model_path: str, dtype: torch.dtype):
     return model.eval()
 
 
+def prepack_linears(hf_model) -> int:
+    """Give the HF model's linear layers the GEMM baton's own use on CPU (a
+    oneDNN-prepacked weight, see baton.models.llama.Linear), so that a comparison
+    with this baseline measures the engines, not which GEMM kernel each calls.
+    Returns how many layers were packed."""
+    from torch import nn
+
+    from ..models.llama import Linear
+
+    n = 0
+    for m in hf_model.modules():
+        if type(m) is nn.Linear:
+            m.__class__ = Linear  # a subclass adding only the packed path; same weights
+            n += m.prepack()
+    return n
+
+
 def same_weights(hf_model, baton_model) -> Optional[bool]:
     """Spot check that the HF model holds the same weights as baton's (layer 0's down projection)."""
     try:

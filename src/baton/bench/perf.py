@@ -11,6 +11,8 @@ output tokens (forced with ignore_eos, greedy), all at t=0.
   Run twice: with the int4 small-batch GEMV (GGUF Q4_1 weights) and dense only.
 - HF transformers `generate` on the same B requests as one static batch, same
   weights, dtype and thread count: end-to-end output tok/s.
+  Run twice: as shipped (the issue's baseline) and with its linear layers
+  given baton's oneDNN-prepacked GEMM, so the kernel is not what differs.
 """
 from __future__ import annotations
 
@@ -28,6 +30,8 @@ from ..sampling import SamplingParams
 # BF16 GGUF, 2 threads, 64-token prompts): quoted for reference, not re-measured here.
 LLAMA_CPP_DECODE_BF16 = {1: 105, 8: 333, 32: 511}
 LLAMA_CPP_PREFILL_BF16 = "820-1140"
+HF_SHIPPED = "HF transformers generate"
+HF_SAME_KERNELS = "HF transformers generate, linears prepacked as baton's"
 
 
 def prompts_for(vocab: int, batch: int, prompt_len: int) -> list[list[int]]:
@@ -91,8 +95,11 @@ def hf_speed(hf_model, batch: int, prompt_len: int, output_len: int, vocab: int)
 
 
 def run_perf(loaded, batches: Iterable[int] = (1, 8, 32), prompt_len: int = 64, output_len: int = 64,
-             hf_model=None, roof: dict | None = None, progress: bool = True) -> dict:
-    """All measurements of the perf section, in this process, one after the other."""
+             hf_models: dict | None = None, roof: dict | None = None, progress: bool = True) -> dict:
+    """All measurements of the perf section, in this process, one after the other.
+    hf_models: row name -> HF model; HF_SHIPPED is the issue's baseline, HF_SAME_KERNELS
+    the same model with baton's prepacked linears."""
+    hf_models = hf_models or {}
     from . import roofline
 
     batches = list(batches)
@@ -101,7 +108,7 @@ def run_perf(loaded, batches: Iterable[int] = (1, 8, 32), prompt_len: int = 64, 
     variants = [("baton (int4 GEMV at <= 4 tokens)", True), ("baton (dense only)", False)] if has_int4 \
         else [("baton", False)]
     rows: dict[str, list] = {name: [] for name, _ in variants}
-    bar = tqdm(total=len(batches) * (len(variants) + (hf_model is not None)), desc="perf", disable=not progress)
+    bar = tqdm(total=len(batches) * (len(variants) + len(hf_models)), desc="perf", disable=not progress)
     baton_speed(model, tok, 2, 8, 4)  # warm-up
     for b in batches:
         for name, int4 in variants:
@@ -109,16 +116,16 @@ def run_perf(loaded, batches: Iterable[int] = (1, 8, 32), prompt_len: int = 64, 
             gc.collect()
             rows[name].append(baton_speed(model, tok, b, prompt_len, output_len))
             bar.update(1)
-        if hf_model is not None:
-            rows.setdefault("HF transformers generate", []).append(
-                hf_speed(hf_model, b, prompt_len, output_len, model.cfg.vocab_size))
+        for hf_name, hf_model in hf_models.items():
+            gc.collect()
+            rows.setdefault(hf_name, []).append(hf_speed(hf_model, b, prompt_len, output_len, model.cfg.vocab_size))
             bar.update(1)
     set_int4(model, True)
     bar.close()
     roof = roof or roofline.measure(model, batches=batches)
     ceilings = {g["batch"]: g["gemm_ceiling_tok_s"] for g in roof["gemm"]}
     best = rows[variants[0][0]]
-    hf = rows.get("HF transformers generate")
+    hf, hf_same = rows.get(HF_SHIPPED), rows.get(HF_SAME_KERNELS)
     ratios = {}
     for i, b in enumerate(batches):
         r = best[i]
@@ -131,6 +138,8 @@ def run_perf(loaded, batches: Iterable[int] = (1, 8, 32), prompt_len: int = 64, 
             dense = rows.get("baton (dense only)")
             if dense:
                 entry["dense_e2e_vs_hf_generate"] = dense[i]["e2e_output_tok_s"] / hf[i]["e2e_output_tok_s"]
+        if hf_same:
+            entry["e2e_vs_hf_same_kernels"] = r["e2e_output_tok_s"] / hf_same[i]["e2e_output_tok_s"]
         ratios[b] = entry
     return {"prompt_len": prompt_len, "output_len": output_len, "rows": rows, "ratios": ratios, "roofline": roof,
             "threads": torch.get_num_threads(),
@@ -151,12 +160,13 @@ def render_perf(perf: dict) -> str:
     ref = perf["llama_cpp_reference"]
     for b, v in ref["decode_bf16"].items():
         lines.append(f"| llama.cpp BF16 (notes, not re-measured) | {b} | {ref['prefill_bf16']} | {v} | - | - |")
-    lines += ["", "| batch | baton e2e / HF generate | dense-only e2e / HF | decode / GEMM ceiling "
-                  "(model's GEMM shapes) | decode / bf16 bandwidth floor | decode / llama.cpp |",
-              "|---|---|---|---|---|---|"]
+    lines += ["", "| batch | baton e2e / HF generate | dense-only e2e / HF | baton e2e / HF with baton's GEMMs "
+                  "| decode / GEMM ceiling (model's GEMM shapes) | decode / bf16 bandwidth floor | decode / llama.cpp |",
+              "|---|---|---|---|---|---|---|"]
     for b, r in perf["ratios"].items():
         g = lambda k, fmt="{:.2f}x": fmt.format(r[k]) if r.get(k) is not None else "-"  # noqa: E731
         lines.append(f"| {b} | {g('e2e_vs_hf_generate')} | {g('dense_e2e_vs_hf_generate')} | "
+                     f"{g('e2e_vs_hf_same_kernels')} | "
                      f"{g('decode_share_of_gemm_ceiling', '{:.0%}')} | "
                      f"{g('decode_share_of_bandwidth_floor_bf16', '{:.0%}')} | {g('decode_vs_llama_cpp_bf16')} |")
     return "\n".join(lines)
@@ -166,16 +176,20 @@ def cmd_perf(args) -> int:
     import json
     from pathlib import Path
 
-    from .hf_baselines import load_hf_model
+    from .hf_baselines import load_hf_model, prepack_linears
     from .report import machine_info
     from .throughput import load_for_bench
 
     if args.num_threads:
         torch.set_num_threads(args.num_threads)
     loaded = load_for_bench(args.model, args.dtype)
-    hf = None if args.no_hf else load_hf_model(loaded.path, loaded.dtype)
+    hf = {}
+    if not args.no_hf:
+        hf[HF_SHIPPED] = load_hf_model(loaded.path, loaded.dtype)
+        hf[HF_SAME_KERNELS] = load_hf_model(loaded.path, loaded.dtype)
+        prepack_linears(hf[HF_SAME_KERNELS])
     batches = (1, 4) if args.quick else (1, 8, 32)
-    perf = run_perf(loaded, batches, 16 if args.quick else 64, 8 if args.quick else 64, hf_model=hf)
+    perf = run_perf(loaded, batches, 16 if args.quick else 64, 8 if args.quick else 64, hf_models=hf)
     perf["machine"] = machine_info(loaded.dtype, torch.get_num_threads())
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)

@@ -1,8 +1,8 @@
 """The machine's roofline, measured in the same run as the engine.
 
 - GEMM rate in the model's dtype with the model's own GEMM shapes (every
-  nn.Linear of the loaded model, run as F.linear(x[b, in], W) on its real
-  weight), at several batch sizes: the time of one token-step's worth of GEMMs
+  nn.Linear of the loaded model, run on its real weight as F.linear(x[b, in], W)
+  and as oneDNN's prepacked GEMM, the faster counted), at several batch sizes: the time of one token-step's worth of GEMMs
   at batch b gives the GEMM-only ceiling b / t(b) tokens/s.
 - Peak GEMM rate on a large square matmul (reference only).
 - Memory bandwidth from a large tensor copy (bytes read + written per second).
@@ -99,15 +99,24 @@ def int4_path_bytes(model: nn.Module) -> Optional[int]:
 @torch.inference_mode()
 def gemm_step_time(model: nn.Module, batch: int, dtype: torch.dtype, min_time: float = 0.15,
                    own_kernels: bool = False) -> dict:
-    """One token-step's GEMMs at `batch` rows: dense F.linear on the real weights, or
-    (own_kernels) each Linear module's own forward, which may pick packed int4."""
+    """One token-step's GEMMs at `batch` rows on the real weights: the faster of
+    dense F.linear and oneDNN's prepacked GEMM (the machine's best dense kernel we
+    know for these shapes), or (own_kernels) each Linear module's own forward,
+    which may pick packed int4."""
     groups = model_linear_groups(model)
     total_t, total_flops = 0.0, 0
     for mod, count in groups:
         w = mod.weight.detach().to(dtype)
         x = torch.randn(batch, w.shape[1], dtype=dtype)
-        fn = (lambda: mod(x)) if own_kernels else (lambda: F.linear(x, w))
-        t = _time(fn, min_time=min_time / max(len(groups), 1))
+        share = min_time / max(len(groups), 1)
+        if own_kernels:
+            t = _time(lambda: mod(x), min_time=share)
+        else:
+            t = _time(lambda: F.linear(x, w), min_time=share)
+            if torch.backends.mkldnn.is_available() and dtype in (torch.bfloat16, torch.float32):
+                packed = torch.ops.mkldnn._reorder_linear_weight(w, batch)
+                t = min(t, _time(lambda: torch.ops.mkldnn._linear_pointwise(x, packed, None, "none", [], ""),
+                                 min_time=share))
         total_t += t * count
         total_flops += 2 * batch * w.numel() * count
     return {"batch": batch, "step_gemm_time_s": total_t, "gflops": total_flops / total_t / 1e9,
