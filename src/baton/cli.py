@@ -13,6 +13,8 @@ def add_engine_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--max-num-seqs", type=int, default=32)
     p.add_argument("--max-model-len", type=int, default=None)
     p.add_argument("--kv-cache-bytes", type=int, default=None)
+    p.add_argument("--kv-cache-dtype", default="auto", choices=["auto", "float32", "bfloat16", "float16"],
+                   help="auto: the model's dtype")
     p.add_argument("--max-prefill-tokens", type=int, default=1024,
                    help="prompt tokens prefilled per iteration; longer prompts are chunked (stall-free decode)")
     p.add_argument("--pool-size", type=int, default=4, help="baton-pd: prefilled queries kept ready")
@@ -24,7 +26,8 @@ def add_engine_args(p: argparse.ArgumentParser) -> None:
 def engine_kwargs(args) -> dict:
     return dict(model=args.model, policy=args.policy, dtype=args.dtype, device=args.device,
                 max_num_seqs=args.max_num_seqs, max_model_len=args.max_model_len,
-                kv_cache_bytes=args.kv_cache_bytes, max_prefill_tokens=args.max_prefill_tokens,
+                kv_cache_bytes=args.kv_cache_bytes, kv_cache_dtype=args.kv_cache_dtype,
+                max_prefill_tokens=args.max_prefill_tokens,
                 pool_size=args.pool_size, max_preemptions=args.max_preemptions, num_threads=args.num_threads)
 
 

@@ -13,7 +13,7 @@ from typing import Callable, Optional, Sequence as Seq, Union
 import psutil
 import torch
 
-from .kv import KVBudget
+from .kv import KVBudget, resolve_kv_dtype
 from .models.loader import load_model
 from .sampling import SamplingParams, sample
 from .scheduler import POLICIES
@@ -54,6 +54,7 @@ class EngineConfig:
     max_prefill_tokens: int = 1024  # prompt tokens processed per iteration (chunked beyond)
     pool_size: int = 4              # baton-pd: prefilled queries kept ready
     max_preemptions: int = 2        # baton-pd: starvation guard, preemptions per query
+    kv_cache_dtype: str = "auto"    # auto: the model's dtype
     num_threads: Optional[int] = None
     record_timeline: bool = False
 
@@ -68,6 +69,7 @@ class EngineConfig:
             raise ValueError(f"pool_size must be >= 1; got {self.pool_size}")
         if self.max_preemptions < 0:
             raise ValueError(f"max_preemptions must be >= 0; got {self.max_preemptions}")
+        resolve_kv_dtype(self.kv_cache_dtype, torch.float32, self.device)  # raises on a bad name
         if not (0 < self.kv_cache_fraction <= 1):
             raise ValueError(f"kv_cache_fraction must be in (0, 1]; got {self.kv_cache_fraction}")
 
@@ -113,7 +115,8 @@ class LLMEngine:
         budget = config.kv_cache_bytes or int(psutil.virtual_memory().available * config.kv_cache_fraction)
         self.budget = KVBudget(budget)
         kwargs = dict(max_num_seqs=config.max_num_seqs, max_prefill_tokens=config.max_prefill_tokens,
-                      record_timeline=config.record_timeline)
+                      record_timeline=config.record_timeline,
+                      kv_dtype=resolve_kv_dtype(config.kv_cache_dtype, model.dtype, model.device))
         if config.policy == "baton-pd":
             kwargs.update(pool_size=config.pool_size, max_preemptions=config.max_preemptions)
         self.timed_model = TimedModel(model)

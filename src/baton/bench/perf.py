@@ -8,7 +8,8 @@ output tokens (forced with ignore_eos, greedy), all at t=0.
   the iterations after that / their time; end-to-end output tok/s = all output
   tokens / total time. The engine's own split of step time (model forward vs
   scheduling, input shaping, sampling, detokenization) is the overhead share.
-  Run twice: with the int4 small-batch GEMV (GGUF Q4_1 weights) and dense only.
+  Run with the int4 small-batch GEMV (GGUF Q4_1 weights) and dense only, and
+  with the KV cache in the model's dtype instead of the CPU default (float32).
 - HF transformers `generate` on the same B requests as one static batch, same
   weights, dtype and thread count: end-to-end output tok/s.
   Run twice: as shipped (the issue's baseline) and with its linear layers
@@ -51,8 +52,8 @@ def set_int4(model, enabled: bool) -> int:
     return n
 
 
-def baton_speed(model, tok, batch: int, prompt_len: int, output_len: int) -> dict:
-    engine = LLMEngine(EngineConfig(policy="baton-pd", max_num_seqs=batch, pool_size=batch,
+def baton_speed(model, tok, batch: int, prompt_len: int, output_len: int, kv_cache_dtype: str = "auto") -> dict:
+    engine = LLMEngine(EngineConfig(policy="baton-pd", max_num_seqs=batch, pool_size=batch, kv_cache_dtype=kv_cache_dtype,
                                     max_prefill_tokens=prompt_len * batch, kv_cache_bytes=2 << 30),
                        model=model, tokenizer=tok)
     prompts = prompts_for(model.cfg.vocab_size, batch, prompt_len)
@@ -105,16 +106,19 @@ def run_perf(loaded, batches: Iterable[int] = (1, 8, 32), prompt_len: int = 64, 
     batches = list(batches)
     model, tok = loaded.model, loaded.tokenizer
     has_int4 = set_int4(model, True) > 0
-    variants = [("baton (int4 GEMV at <= 4 tokens)", True), ("baton (dense only)", False)] if has_int4 \
-        else [("baton", False)]
-    rows: dict[str, list] = {name: [] for name, _ in variants}
+    # (name, int4 small-batch path, KV cache dtype); the first is the default configuration
+    variants = [("baton (int4 GEMV at <= 4 tokens)", True, "auto"), ("baton (dense only)", False, "auto")] \
+        if has_int4 else [("baton", False, "auto")]
+    if model.device.type == "cpu" and model.dtype != torch.float32:
+        variants.append((variants[0][0] + f", {str(model.dtype)[6:]} KV cache", has_int4, str(model.dtype)[6:]))
+    rows: dict[str, list] = {name: [] for name, _, _ in variants}
     bar = tqdm(total=len(batches) * (len(variants) + len(hf_models)), desc="perf", disable=not progress)
     baton_speed(model, tok, 2, 8, 4)  # warm-up
     for b in batches:
-        for name, int4 in variants:
+        for name, int4, kv_dtype in variants:
             set_int4(model, int4)
             gc.collect()
-            rows[name].append(baton_speed(model, tok, b, prompt_len, output_len))
+            rows[name].append(baton_speed(model, tok, b, prompt_len, output_len, kv_dtype))
             bar.update(1)
         for hf_name, hf_model in hf_models.items():
             gc.collect()

@@ -47,11 +47,12 @@ class Policy:
     name = "base"
 
     def __init__(self, model, cfg, budget: KVBudget, max_num_seqs: int, max_prefill_tokens: int,
-                 record_timeline: bool = False):
+                 record_timeline: bool = False, kv_dtype: Optional[torch.dtype] = None):
         self.model, self.cfg, self.budget = model, cfg, budget
         self.max_num_seqs = max_num_seqs
         self.max_prefill_tokens = max_prefill_tokens
-        self.slot = slot_bytes(cfg, model.dtype)
+        self.kv_dtype = kv_dtype or model.dtype
+        self.slot = slot_bytes(cfg, self.kv_dtype)
         self.waiting: list[Sequence] = []  # sorted by (priority, arrival)
         self.stats = PolicyStats()
         self.record_timeline = record_timeline

@@ -23,7 +23,7 @@ class BatonPolicy(Policy):
 
     def __init__(self, *args, **kwargs):
         super().__init__(*args, **kwargs)
-        self.batch = ShapedBatch(self.cfg, self.model.dtype, self.model.device, self.budget, self.max_num_seqs)
+        self.batch = ShapedBatch(self.cfg, self.kv_dtype, self.model.device, self.budget, self.max_num_seqs)
 
     @property
     def num_running(self) -> int:
@@ -213,12 +213,12 @@ class BatonPDPolicy(BatonPolicy):
         while group:
             try:
                 if len(group) == 1 or widths[0] > self.max_prefill_tokens:
-                    group[0].kv = PrefilledKV.alone(self.cfg, self.model.dtype, self.model.device, self.budget,
+                    group[0].kv = PrefilledKV.alone(self.cfg, self.kv_dtype, self.model.device, self.budget,
                                                     widths[0])
                     for s in group[1:]:
                         self._unpool(s)
                     return group[:1]
-                for s, kv in zip(group, PrefilledKV.group(self.cfg, self.model.dtype, self.model.device,
+                for s, kv in zip(group, PrefilledKV.group(self.cfg, self.kv_dtype, self.model.device,
                                                           self.budget, widths)):
                     s.kv = kv
                 return group

@@ -39,7 +39,7 @@ class OrcaPolicy(Policy):
         while self.waiting and len(self.running) < self.max_num_seqs:
             seq = self.waiting[0]
             try:
-                seq.kv = RequestKV(self.cfg, self.model.dtype, self.model.device, self.budget, seq.max_len)
+                seq.kv = RequestKV(self.cfg, self.kv_dtype, self.model.device, self.budget, seq.max_len)
             except KVBudgetExceeded:
                 return
             self.waiting.pop(0)

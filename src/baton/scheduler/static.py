@@ -16,7 +16,7 @@ class StaticPolicy(Policy):
 
     def __init__(self, *args, **kwargs):
         super().__init__(*args, **kwargs)
-        self.batch = ShapedBatch(self.cfg, self.model.dtype, self.model.device, self.budget, self.max_num_seqs)
+        self.batch = ShapedBatch(self.cfg, self.kv_dtype, self.model.device, self.budget, self.max_num_seqs)
 
     @property
     def num_running(self) -> int:
