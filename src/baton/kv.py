@@ -20,7 +20,7 @@ from typing import Optional
 import torch
 import torch.nn.functional as F
 
-from .models.llama import ModelConfig, attention_over_cache
+from .models.llama import FP32_ATTENTION_MAX_TOKENS, ModelConfig, attention_over_cache
 
 NEG_INF = float("-inf")
 WIDTH_ALIGN = 32  # capacity is grown in multiples of this many columns
@@ -201,6 +201,11 @@ class ShapedAttention:
         self.cache, self.B = cache, B
         self.W = max(s + c for s, c in zip(starts, counts)) if any(counts) else max(starts) + 1
         self.W = max(self.W, 1)
+        if B * T > FP32_ATTENTION_MAX_TOKENS and self.W < cache.width_cap <= 2 * self.W:
+            # Attend over the whole capacity: a slice of rows of the full-width cache is
+            # contiguous, which spares the copy the CPU's bf16 batched matmul makes of a
+            # strided operand (K^T and V, every layer); up to 2x masked columns cost less.
+            self.W = cache.width_cap
         self.scale = cache.cfg.head_dim ** -0.5
         starts_t = torch.tensor(starts, device=device)
         # One row feeding a run of tokens (a prefill or a chunk of one): contiguous

@@ -86,16 +86,18 @@ def _filter_logits(logits: torch.Tensor, p: SamplingParams) -> torch.Tensor:
 
 
 def sample(logits: torch.Tensor, params: list[SamplingParams], generators: list[Optional[torch.Generator]]) -> list[SampledToken]:
-    """logits: [N, V] float32, one row per sequence. Returns one SampledToken per row."""
+    """logits: [N, V], one row per sequence, in the model's dtype: argmax needs no
+    upcast (same values, same ties), the rest is computed in float32.
+    Returns one SampledToken per row."""
     greedy_ids = logits.argmax(dim=-1).tolist()
     want_logprobs = [i for i, p in enumerate(params) if p.logprobs is not None]
-    logprobs = logits[want_logprobs].log_softmax(-1) if want_logprobs else None
+    logprobs = logits[want_logprobs].float().log_softmax(-1) if want_logprobs else None
     out = []
     for i, p in enumerate(params):
         if p.greedy:
             tok = greedy_ids[i]
         else:
-            row = _filter_logits(logits[i] / p.temperature, p)
+            row = _filter_logits(logits[i].float() / p.temperature, p)
             tok = int(torch.multinomial(row.softmax(-1), 1, generator=generators[i]).item())
         out.append(SampledToken(tok))
     if logprobs is not None:

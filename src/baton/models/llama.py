@@ -228,14 +228,15 @@ class LlamaModel(nn.Module):
         ctx: AttentionContext,
         logit_index: Optional[tuple[torch.Tensor, torch.Tensor]] = None,
     ) -> torch.Tensor:
-        """input_ids, positions: [B, T]. Returns float32 logits only at
-        `logit_index` = (batch idx, time idx) -> [N, vocab]; all positions if None."""
+        """input_ids, positions: [B, T]. Returns logits (in the model's dtype; the
+        sampler upcasts only what it needs) only at `logit_index` = (batch idx,
+        time idx) -> [N, vocab]; all positions if None."""
         x = self.embed(input_ids)
         cos, sin = self.rope(positions)
         for block in self.layers:
             x = block(x, cos, sin, ctx)
         x = x[logit_index] if logit_index is not None else x
-        return self.lm_head(self.norm(x)).float()
+        return self.lm_head(self.norm(x))
 
 
 FP32_ATTENTION_MAX_TOKENS = 8
