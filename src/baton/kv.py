@@ -201,16 +201,16 @@ class ShapedAttention:
         self.cache, self.B = cache, B
         self.W = max(s + c for s, c in zip(starts, counts)) if any(counts) else max(starts) + 1
         self.W = max(self.W, 1)
-        if B * T > FP32_ATTENTION_MAX_TOKENS and self.W < cache.width_cap <= 2 * self.W:
-            # Attend over the whole capacity: a slice of rows of the full-width cache is
-            # contiguous, which spares the copy the CPU's bf16 batched matmul makes of a
-            # strided operand (K^T and V, every layer); up to 2x masked columns cost less.
-            self.W = cache.width_cap
         self.scale = cache.cfg.head_dim ** -0.5
         starts_t = torch.tensor(starts, device=device)
         # One row feeding a run of tokens (a prefill or a chunk of one): contiguous
         # columns, written by slicing and attended with SDPA's fused kernel.
         self.span = (starts[0], starts[0] + T) if B == 1 and T > 1 and counts[0] == T else None
+        if self.span is None and B * T > FP32_ATTENTION_MAX_TOKENS and self.W < cache.width_cap <= 2 * self.W:
+            # Attend over the whole capacity: a slice of rows of the full-width cache is
+            # contiguous, which spares the copy the CPU's bf16 batched matmul makes of a
+            # strided operand (K^T and V, every layer); up to 2x masked columns cost less.
+            self.W = cache.width_cap
         if T == 1 and all(c == 1 for c in counts):
             # Decode: every row writes one token at its own length.
             self.dst = (torch.arange(B, device=device), starts_t)
