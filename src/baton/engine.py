@@ -280,6 +280,8 @@ class LLMEngine:
             "parked": p.num_parked,
             "kv_bytes_used": self.budget.used,
             "kv_bytes_peak": self.budget.peak,
+            "kv_bytes_resident": self.budget.resident,
+            "kv_bytes_resident_peak": self.budget.resident_peak,
             "kv_bytes_budget": self.budget.limit,
             "kv_bytes_live": p.live_tokens() * p.slot,
             "iterations": p.stats.iterations,

@@ -31,7 +31,12 @@ class KVBudgetExceeded(RuntimeError):
 
 
 class KVBudget:
-    """Byte budget shared by every KV allocation of one engine."""
+    """Byte budget shared by every KV allocation of one engine.
+
+    `used` is what is committed: the caches' reservations (a running batch reserves
+    its rows at their final length when a query is admitted). `resident` is what is
+    allocated right now, which never exceeds `used`: a batch's tensors grow lazily
+    toward its reservation as its queries lengthen."""
 
     def __init__(self, limit_bytes: int):
         if limit_bytes <= 0:
@@ -39,6 +44,8 @@ class KVBudget:
         self.limit = int(limit_bytes)
         self.used = 0
         self.peak = 0
+        self.resident = 0
+        self.resident_peak = 0
 
     def fits(self, extra: int) -> bool:
         return self.used + extra <= self.limit
@@ -52,6 +59,11 @@ class KVBudget:
     def give(self, nbytes: int) -> None:
         self.used -= nbytes
         assert self.used >= 0
+
+    def allocated(self, nbytes: int) -> None:
+        self.resident += nbytes
+        self.resident_peak = max(self.resident_peak, self.resident)
+        assert self.resident <= self.used, "resident KV above what is reserved"
 
 
 def resolve_kv_dtype(kv_dtype, model_dtype: torch.dtype, device) -> torch.dtype:
@@ -74,95 +86,151 @@ def slot_bytes(cfg: ModelConfig, dtype: torch.dtype) -> int:
     return cfg.kv_bytes_per_token * torch.empty((), dtype=dtype).element_size()
 
 
+def reservation_bytes(cfg: ModelConfig, slot: int, rows: int, width: int) -> int:
+    """Budget a ShapedKV of rows x width reserves: its slots plus the headroom of
+    one layer's K (or V) tensor, as it resizes one such tensor at a time."""
+    parts = 2 * cfg.num_layers
+    return rows * width * slot * (parts + 1) // parts
+
+
 def round_width(n: int) -> int:
     return max(WIDTH_ALIGN, -(-n // WIDTH_ALIGN) * WIDTH_ALIGN)
 
 
 class ShapedKV:
-    """A rectangular K/V cache of `rows` x `width` token slots per layer.
+    """A rectangular K/V cache: per layer one K and one V tensor of
+    [rows, kv_heads, width, head_dim].
 
-    Used for the running batch and (with one row) for a prefilled query in the pool.
+    Used for the running batch and (allocated whole) for prefilled queries in the pool.
+    Two sizes: the reservation `rows_cap` x `width_cap`, counted in the budget so
+    that no later step can lack memory, and the allocated tensors, `rows` x `width`,
+    whose columns grow toward the reservation only as the longest live query
+    lengthens (`ensure_width`): memory follows the tokens actually held. Tensors
+    are per layer so that a resize copies one tensor at a time: old and new copies
+    of one layer's K (or V) coexist, never of the whole cache, and the reservation
+    carries that much headroom.
     """
 
     def __init__(self, cfg: ModelConfig, dtype, device, budget: KVBudget, rows: int = 0, width: int = 0):
         self.cfg, self.dtype, self.device, self.budget = cfg, dtype, torch.device(device), budget
         self.slot = slot_bytes(cfg, dtype)
-        self.rows_cap = 0
-        self.width_cap = 0
-        self.k = self.v = None
+        self.rows_cap = self.width_cap = 0  # reserved
+        self.rows = self.width = 0          # allocated
+        self.reserved = 0                   # bytes taken from the budget
+        self.resident = 0                   # bytes allocated
+        self.k: list[torch.Tensor] = []
+        self.v: list[torch.Tensor] = []
         self.reallocations = 0
         self.users = 0  # PrefilledKV entries sharing this cache
         if rows and width:
-            self._reallocate(rows, width, 0, 0)
+            self._reserve_exact(rows, width)
+            self._resize(rows, width, 0, 0)
 
     @property
     def nbytes(self) -> int:
-        return self.rows_cap * self.width_cap * self.slot
+        """Bytes allocated now."""
+        return self.resident
 
     def bytes_for(self, rows: int, width: int) -> int:
-        return rows * width * self.slot
+        return reservation_bytes(self.cfg, self.slot, rows, width)
+
+    def _reserve_exact(self, rows: int, width: int) -> None:
+        nbytes = self.bytes_for(rows, width)
+        if nbytes > self.reserved:
+            self.budget.take(nbytes - self.reserved)
+        else:
+            self.budget.give(self.reserved - nbytes)
+        self.reserved = nbytes
+        self.rows_cap, self.width_cap = rows, width
 
     def reserve(self, rows: int, width: int, live_rows: int = 0, max_rows: Optional[int] = None) -> bool:
-        """Make room for `rows` x `width` slots, keeping the live rows' data.
+        """Reserve room for `rows` x `width` slots, keeping the live rows' data.
 
-        Rows grow geometrically (up to max_rows) and width in aligned steps, so growth
-        is amortised; if that does not fit the budget, the exact need is tried.
-        While the old tensors are copied both exist, so both count against the
-        budget. Returns False (allocating nothing) when even the exact need does not fit."""
+        Rows grow geometrically (up to max_rows) and width in aligned steps; if that
+        does not fit the budget, the exact need is tried. New rows are allocated at
+        once (a joining query is written right away); columns only as needed.
+        Returns False (changing nothing) when even the exact need does not fit."""
         if rows <= self.rows_cap and width <= self.width_cap:
             return True
-        live_width = min(self.width_cap, width)
         grow_rows = max(rows, min(2 * self.rows_cap, max_rows or rows)) if rows > self.rows_cap else self.rows_cap
-        for r, w in ((grow_rows, round_width(width)), (max(rows, self.rows_cap), width)):
-            if self.budget.fits(self.bytes_for(r, w)):
-                self._reallocate(r, w, live_rows, live_width)
+        for r, w in ((grow_rows, max(round_width(width), self.width_cap)),
+                     (max(rows, self.rows_cap), max(width, self.width_cap))):
+            if self.budget.fits(self.bytes_for(r, w) - self.reserved):
+                self._reserve_exact(r, w)
+                if r > self.rows:
+                    self._resize(r, self.width, live_rows, self.width)
                 return True
         return False
 
-    def shrink(self, live_rows: int, width: int) -> None:
+    def ensure_width(self, need: int) -> None:
+        """Allocate at least `need` columns (within the reservation), in aligned
+        steps of at least a quarter, so copies are amortised over many steps."""
+        if need <= self.width:
+            return
+        assert need <= self.width_cap, f"{need} columns needed, {self.width_cap} reserved"
+        width = min(self.width_cap, max(round_width(need), round_width(self.width * 5 // 4)))
+        self._resize(self.rows, width, self.rows, self.width)
+
+    def shrink(self, live_rows: int, width: int, need: int) -> None:
         """Give memory back when the batch has emptied out or its longest query has
         left: only when a dimension is over 4x (rows) or 2x (width) the need, so
-        shrinking, like growing, is amortised."""
-        target_w = round_width(width) if self.width_cap > 2 * round_width(width) else self.width_cap
-        target_r = max(2 * live_rows, 1) if self.rows_cap > 4 * max(live_rows, 1) else self.rows_cap
-        if (target_r, target_w) != (self.rows_cap, self.width_cap) and \
-                self.budget.fits(self.bytes_for(target_r, target_w)):
-            self._reallocate(target_r, target_w, live_rows, min(width, self.width_cap))
+        shrinking, like growing, is amortised. `width` is what the live queries will
+        need at their final lengths (the reservation), `need` what they hold now."""
+        rows = max(2 * live_rows, 1) if self.rows_cap > 4 * max(live_rows, 1) else self.rows_cap
+        width_cap = round_width(width) if self.width_cap > 2 * round_width(width) else self.width_cap
+        alloc = min(round_width(need) if self.width > 2 * round_width(need) else self.width, width_cap)
+        if (rows, alloc) != (self.rows, self.width):
+            self._resize(rows, alloc, min(live_rows, rows), min(need, alloc))
+        if (rows, width_cap) != (self.rows_cap, self.width_cap):
+            self._reserve_exact(rows, width_cap)
 
-    def _reallocate(self, rows: int, width: int, live_rows: int, live_width: int) -> None:
-        new_bytes = self.bytes_for(rows, width)
-        self.budget.take(new_bytes)
-        L, H, D = self.cfg.num_layers, self.cfg.num_kv_heads, self.cfg.head_dim
-        # Zeros, not empty: masked columns get probability 0, and 0 * NaN garbage would be NaN.
-        k = torch.zeros(L, rows, H, width, D, dtype=self.dtype, device=self.device)
-        v = torch.zeros_like(k)
-        if self.k is not None and live_rows and live_width:
-            k[:, :live_rows, :, :live_width] = self.k[:, :live_rows, :, :live_width]
-            v[:, :live_rows, :, :live_width] = self.v[:, :live_rows, :, :live_width]
-        self.budget.give(self.nbytes)
-        self.k, self.v = k, v
-        self.rows_cap, self.width_cap = rows, width
+    def _account(self, nbytes: int) -> None:
+        self.resident += nbytes
+        self.budget.allocated(nbytes)
+
+    def _resize(self, rows: int, width: int, live_rows: int, live_width: int) -> None:
+        """Reallocate to rows x width, one layer at a time, keeping the live region."""
+        H, D = self.cfg.num_kv_heads, self.cfg.head_dim
+        for tensors in (self.k, self.v):
+            for layer in range(self.cfg.num_layers):
+                # Zeros, not empty: masked columns get probability 0, and 0 * NaN garbage would be NaN.
+                t = torch.zeros(rows, H, width, D, dtype=self.dtype, device=self.device)
+                self._account(t.nbytes)
+                if layer < len(tensors):
+                    old = tensors[layer]
+                    if live_rows and live_width:
+                        t[:live_rows, :, :live_width] = old[:live_rows, :, :live_width]
+                    tensors[layer] = t
+                    self._account(-old.nbytes)
+                else:
+                    tensors.append(t)
+        self.rows, self.width = rows, width
         self.reallocations += 1
 
     def release(self) -> None:
-        self.budget.give(self.nbytes)
-        self.k = self.v = None
-        self.rows_cap = self.width_cap = 0
+        self._account(-self.resident)
+        self.budget.give(self.reserved)
+        self.k, self.v = [], []
+        self.reserved = self.rows_cap = self.width_cap = self.rows = self.width = 0
 
     def move_row(self, src: int, dst: int, width: int) -> None:
-        self.k[:, dst, :, :width] = self.k[:, src, :, :width]
-        self.v[:, dst, :, :width] = self.v[:, src, :, :width]
+        for kl, vl in zip(self.k, self.v):
+            kl[dst, :, :width] = kl[src, :, :width]
+            vl[dst, :, :width] = vl[src, :, :width]
 
     def embed(self, row: int, entry: "PrefilledKV", length: int) -> None:
         """Copy a prefilled query's KV into `row`, columns 0..length-1."""
-        self.k[:, row, :, :length] = entry.cache.k[:, entry.row, :, :length]
-        self.v[:, row, :, :length] = entry.cache.v[:, entry.row, :, :length]
+        self.ensure_width(length)
+        for kl, vl, ek, ev in zip(self.k, self.v, entry.cache.k, entry.cache.v):
+            kl[row, :, :length] = ek[entry.row, :, :length]
+            vl[row, :, :length] = ev[entry.row, :, :length]
 
     def extract(self, row: int, length: int) -> "PrefilledKV":
         """Take row `row` out intact as a one-row entry (used to park a preempted query)."""
         entry = PrefilledKV.alone(self.cfg, self.dtype, self.device, self.budget, length)
-        entry.cache.k[:, 0, :, :length] = self.k[:, row, :, :length]
-        entry.cache.v[:, 0, :, :length] = self.v[:, row, :, :length]
+        for kl, vl, ek, ev in zip(self.k, self.v, entry.cache.k, entry.cache.v):
+            ek[0, :, :length] = kl[row, :, :length]
+            ev[0, :, :length] = vl[row, :, :length]
         return entry
 
 
@@ -206,11 +274,11 @@ class ShapedAttention:
         # One row feeding a run of tokens (a prefill or a chunk of one): contiguous
         # columns, written by slicing and attended with SDPA's fused kernel.
         self.span = (starts[0], starts[0] + T) if B == 1 and T > 1 and counts[0] == T else None
-        if self.span is None and B * T > FP32_ATTENTION_MAX_TOKENS and self.W < cache.width_cap <= 2 * self.W:
-            # Attend over the whole capacity: a slice of rows of the full-width cache is
+        if self.span is None and B * T > FP32_ATTENTION_MAX_TOKENS and self.W < cache.width <= 2 * self.W:
+            # Attend over every allocated column: a slice of rows of the full-width cache is
             # contiguous, which spares the copy the CPU's bf16 batched matmul makes of a
             # strided operand (K^T and V, every layer); up to 2x masked columns cost less.
-            self.W = cache.width_cap
+            self.W = cache.width
         if T == 1 and all(c == 1 for c in counts):
             # Decode: every row writes one token at its own length.
             self.dst = (torch.arange(B, device=device), starts_t)
@@ -284,12 +352,14 @@ class RequestKV:
         self.budget = budget
         self.nbytes = max_len * slot_bytes(cfg, dtype)
         budget.take(self.nbytes)
+        budget.allocated(self.nbytes)  # Orca allocates its whole reservation up front
         shape = (cfg.num_layers, cfg.num_kv_heads, max_len, cfg.head_dim)
         self.k = torch.zeros(shape, dtype=dtype, device=device)
         self.v = torch.zeros(shape, dtype=dtype, device=device)
 
     def release(self) -> None:
         if self.k is not None:
+            self.budget.allocated(-self.nbytes)
             self.budget.give(self.nbytes)
             self.k = self.v = None
 

@@ -173,20 +173,25 @@ def render(p: dict) -> str:
     rows = []
     for r in t1:
         if r.get("error"):
-            rows.append([r["name"], "error: " + r["error"].splitlines()[0][:120]] + ["-"] * 10)
+            rows.append([r["name"], "error: " + r["error"].splitlines()[0][:120]] + ["-"] * 11)
             continue
         vs = static["total_time_s"] / r["total_time_s"] if static and r.get("total_time_s") else None
         rows.append([r["name"], _f(r["total_time_s"]), _f(vs, "{:.2f}x"), _f(r["request_throughput"], "{:.3f}"),
                      _f(r["output_throughput"], "{:.1f}"), _f(r.get("median_ttft_ms"), "{:.0f}"),
                      _f(r.get("p99_ttft_ms"), "{:.0f}"), _f(r.get("median_tpot_ms"), "{:.1f}"),
-                     _f(r.get("idle_share"), "{:.1%}"), _f(r.get("kv_padding_waste"), "{:.1%}"),
+                     _f(r.get("idle_share"), "{:.1%}"),
+                     _f(r.get("kv_padding_waste"), "{:.1%}") + (f" ({r['kv_padding_ratio']:.2f}x)"
+                                                               if r.get("kv_padding_ratio") else ""),
+                     _f(r.get("kv_bytes_resident_peak") and r["kv_bytes_resident_peak"] / (1 << 20), "{:.1f}"),
                      _f(r.get("kv_bytes_peak") and r["kv_bytes_peak"] / (1 << 20), "{:.1f}"),
                      _f(r.get("other_cpu_share"), "{:.0%}")])
     L.append(_table(["system", "total time s", "speed-up vs static", "req/s", "out tok/s", "TTFT p50 ms",
-                     "TTFT p99 ms", "TPOT p50 ms", "idle computation", "KV padding waste", "KV peak MiB",
-                     "other processes' CPU"], rows))
+                     "TTFT p99 ms", "TPOT p50 ms", "idle computation", "KV padding waste (allocated / live)",
+                     "KV allocated peak MiB", "KV reserved peak MiB", "other processes' CPU"], rows))
     L.append("\nIdle computation: share of computed token-rows spent on padding or finished queries. KV padding "
-             "waste: share of allocated KV slots (summed over iterations) not holding a live token. "
+             "waste: share of allocated KV slots (summed over iterations) not holding a live token; in brackets "
+             "allocated / live. Reserved: what reserve-on-admit commits (each batch row to its query's final "
+             "length); allocated: the tensors that exist, which grow toward the reservation as queries lengthen. "
              "For HF generate, idle computation is counted from the batch shapes; its KV figures are not measured.\n")
     L.append(f"\n![Table 1](table1.png)\n")
 

@@ -9,7 +9,7 @@ from typing import Optional
 
 import torch
 
-from ..kv import KVBudget, ShapedKV, shaped_forward, slot_bytes
+from ..kv import KVBudget, ShapedKV, reservation_bytes, shaped_forward, slot_bytes
 from ..sequence import Sequence, Status
 
 
@@ -27,7 +27,7 @@ class PolicyStats:
     kv_slots_allocated: int = 0   # summed over iterations
     kv_slots_live: int = 0        # summed over iterations
     preemptions: int = 0
-    timeline: list = field(default_factory=list)  # (time, allocated bytes, live bytes)
+    timeline: list = field(default_factory=list)  # (time, allocated (resident) bytes, live bytes)
 
     @property
     def idle_token_rows(self) -> int:
@@ -64,7 +64,8 @@ class Policy:
 
     def max_len_that_fits(self) -> int:
         """Longest query (prompt + max_tokens) that could ever run alone in the budget."""
-        return self.budget.limit // self.slot
+        per_token = reservation_bytes(self.cfg, self.slot, 1, 1 << 20) / (1 << 20)
+        return int(self.budget.limit // per_token)
 
     # ---- to implement
     def step(self) -> StepResult:
@@ -104,10 +105,10 @@ class Policy:
         st.computed_token_rows += computed
         st.useful_tokens += useful
         live = self.live_tokens()
-        st.kv_slots_allocated += self.budget.used // self.slot
+        st.kv_slots_allocated += self.budget.resident // self.slot
         st.kv_slots_live += live
         if self.record_timeline:
-            st.timeline.append((time.monotonic() - self._t0, self.budget.used, live * self.slot))
+            st.timeline.append((time.monotonic() - self._t0, self.budget.resident, live * self.slot))
 
 
 class ShapedBatch:
@@ -151,13 +152,14 @@ class ShapedBatch:
         self.rows.pop()
         seq.row = None
         if self.rows:
-            self.cache.shrink(len(self.rows), self.final_width())
+            self.cache.shrink(len(self.rows), self.final_width(), max(s.num_cached for s in self.rows))
         else:
             self.cache.release()
 
     def forward(self, model, tokens: list[list[int]], want_logits: list[bool]):
         """One vector-shaped iteration over all live rows; advances num_cached."""
         starts = [s.num_cached for s in self.rows]
+        self.cache.ensure_width(max(s + len(t) for s, t in zip(starts, tokens)))
         logits, logit_rows, computed, useful = shaped_forward(model, self.cache, starts, tokens, want_logits)
         for s, t in zip(self.rows, tokens):
             s.num_cached += len(t)

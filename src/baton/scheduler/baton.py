@@ -13,7 +13,7 @@ from __future__ import annotations
 
 import torch
 
-from ..kv import KVBudgetExceeded, PrefilledKV, shaped_forward
+from ..kv import KVBudgetExceeded, PrefilledKV, reservation_bytes, shaped_forward
 from ..sequence import Sequence, Status
 from .base import Policy, ShapedBatch, StepResult
 
@@ -187,8 +187,9 @@ class BatonPDPolicy(BatonPolicy):
         rows = min(self.max_num_seqs, len(self.batch) + len(self.pool) + 1)
         width = max([self.batch.final_width(), seq.max_len] + [s.max_len for s in self.pool])
         cache = self.batch.cache
-        growth = 0 if rows <= cache.rows_cap and width <= cache.width_cap else cache.bytes_for(rows, width)
-        return self.budget.fits(self._target(seq) * self.slot + growth)
+        growth = 0 if rows <= cache.rows_cap and width <= cache.width_cap \
+            else cache.bytes_for(max(rows, cache.rows_cap), max(width, cache.width_cap)) - cache.reserved
+        return self.budget.fits(reservation_bytes(self.cfg, self.slot, 1, self._target(seq)) + growth)
 
     def _take_group(self, budget: int) -> list[Sequence]:
         """Move waiting queries into the pool to be prefilled together this iteration:

@@ -28,7 +28,8 @@ class _EngineCollector:
             ("baton_num_requests_waiting", "Queries queued without KV cache", "waiting"),
             ("baton_num_requests_prefilled", "Queries prefilled and ready to join the batch (P&D pool)", "prefilled"),
             ("baton_num_requests_parked", "Queries preempted with their KV cache set aside", "parked"),
-            ("baton_kv_cache_used_bytes", "KV cache bytes allocated", "kv_bytes_used"),
+            ("baton_kv_cache_used_bytes", "KV cache bytes reserved (reserve-on-admit)", "kv_bytes_used"),
+            ("baton_kv_cache_resident_bytes", "KV cache bytes allocated now", "kv_bytes_resident"),
             ("baton_kv_cache_budget_bytes", "KV cache byte budget", "kv_bytes_budget"),
             ("baton_kv_cache_live_bytes", "KV cache bytes holding live tokens", "kv_bytes_live"),
         ]
