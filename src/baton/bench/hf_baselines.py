@@ -257,9 +257,12 @@ def _wait_for(manager, want: set, timeout_s: float, bar=None) -> dict:
 
 
 def run_hf_baselines(model_path: str, dtype: torch.dtype, requests: Sequence[BenchRequest], batch_size: int,
-                     tokenizer=None, progress: bool = True, which: Sequence[str] = ("generate", "cb"),
+                     tokenizer=None, progress: bool = True,
+                     which: Sequence[str] = ("generate", "cb", "cb-same-kernels"),
                      baton_model=None) -> dict:
-    """Both baselines; each one's failure is recorded as {'error': ...} instead of raised."""
+    """The baselines in `which` (generate, cb, cb-same-kernels: cb with baton's
+    prepacked linears, run last); each one's failure is recorded as {'error': ...}
+    instead of raised."""
     out: dict = {}
     try:
         model = load_hf_model(model_path, dtype)
@@ -270,19 +273,24 @@ def run_hf_baselines(model_path: str, dtype: torch.dtype, requests: Sequence[Ben
     info = {"hf_dtype": str(model.dtype).replace("torch.", ""),
             "hf_attn_implementation": getattr(model.config, "_attn_implementation", None),
             "same_weights_as_baton": same_weights(model, baton_model) if baton_model is not None else None}
-    if "generate" in which:
+    def run(key: str, system: str, fn) -> None:
         try:
-            out["generate"] = hf_generate_static(model, requests, batch_size, tokenizer, progress)
+            out[key] = fn(model, requests, batch_size, tokenizer, progress)
+            out[key]["system"] = system
         except Exception as e:  # noqa: BLE001
-            out["generate"] = {"system": "hf-generate", "error": f"{type(e).__name__}: {e}",
-                               "traceback": traceback.format_exc(limit=5)}
+            out[key] = {"system": system, "error": f"{type(e).__name__}: {e}",
+                        "traceback": traceback.format_exc(limit=5)}
         gc.collect()
+
+    if "generate" in which:
+        run("generate", "hf-generate", hf_generate_static)
     if "cb" in which:
-        try:
-            out["continuous_batching"] = hf_continuous_batching(model, requests, batch_size, tokenizer, progress)
-        except Exception as e:  # noqa: BLE001
-            out["continuous_batching"] = {"system": "hf-continuous-batching", "error": f"{type(e).__name__}: {e}",
-                                          "traceback": traceback.format_exc(limit=5)}
+        run("continuous_batching", "hf-continuous-batching", hf_continuous_batching)
+    if "cb-same-kernels" in which:
+        # The same manager with its linear layers on baton's prepacked GEMM: what is
+        # left of the gap is scheduling and model code, not the GEMM kernel.
+        prepack_linears(model)
+        run("continuous_batching_same_kernels", "hf-continuous-batching, baton's GEMMs", hf_continuous_batching)
     for r in out.values():
         r.update(info)
     del model

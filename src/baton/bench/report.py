@@ -185,6 +185,14 @@ def render(p: dict) -> str:
                      _f(r.get("kv_bytes_resident_peak") and r["kv_bytes_resident_peak"] / (1 << 20), "{:.1f}"),
                      _f(r.get("kv_bytes_peak") and r["kv_bytes_peak"] / (1 << 20), "{:.1f}"),
                      _f(r.get("other_cpu_share"), "{:.0%}")])
+    pd = next((r for r in t1 if r["name"] == "baton-pd" and r.get("total_time_s")), None)
+    if pd:
+        L.append("baton-pd finishes the workload this many times faster than each other system "
+                 "(total time ratio, same run):\n")
+        L.append(_table(["vs system", "speed-up"],
+                        [[r["name"], f"{r['total_time_s'] / pd['total_time_s']:.2f}x"] for r in t1
+                         if r["name"] != "baton-pd" and r.get("total_time_s")]))
+        L.append("")
     L.append(_table(["system", "total time s", "speed-up vs static", "req/s", "out tok/s", "TTFT p50 ms",
                      "TTFT p99 ms", "TPOT p50 ms", "idle computation", "KV padding waste (allocated / live)",
                      "KV allocated peak MiB", "KV reserved peak MiB", "other processes' CPU"], rows))
@@ -230,7 +238,9 @@ def render(p: dict) -> str:
     L.append("\n## External baselines (same weights, dtype, threads and requests)\n")
     hf = p.get("hf_baselines") or {}
     for key, label in (("generate", "HF transformers `generate`"),
-                       ("continuous_batching", "HF transformers continuous batching")):
+                       ("continuous_batching", "HF transformers continuous batching"),
+                       ("continuous_batching_same_kernels",
+                        "HF transformers continuous batching, linear layers on baton's prepacked GEMM")):
         r = hf.get(key)
         if not r:
             L.append(f"- {label}: not run")
@@ -247,7 +257,9 @@ def render(p: dict) -> str:
              "batch generates to its longest request's output length (EOS disabled) and each request is credited "
              "only with its own output length, its finish time being the step that produced its own last token. "
              "HF continuous batching runs transformers' continuous-batching manager (what `generate_batch` uses) "
-             "with each request's own `max_new_tokens`, EOS disabled and at most `batch size` requests per batch.\n")
+             "with each request's own `max_new_tokens`, EOS disabled and at most `batch size` requests per batch. "
+             "baton's linear layers run oneDNN's prepacked GEMM on CPU; the last HF row is the continuous-batching "
+             "manager again with its linear layers given that same GEMM, so the kernel is not what differs.\n")
     if roof.get("int4_path_weight_bytes"):
         L.append("Note: baton's model also keeps the GGUF's Q4_1 weights packed as int4 and uses them for steps of "
                  "at most a few tokens (same weight values, a different kernel); the HF baselines compute with the "
