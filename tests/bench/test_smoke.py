@@ -56,7 +56,7 @@ def test_paper_quick_report(tiny_model_dir, tmp_path):
 
     # Table 1: every policy, then both HF baselines (a failure is recorded, not raised)
     names = [r["name"] for r in p["table1"]]
-    assert names == POLICIES + ["hf-generate", "hf-continuous-batching"]
+    assert names == POLICIES + ["hf-generate", "hf-continuous-batching", "hf-continuous-batching, baton's GEMMs"]
     for r in p["table1"][:4]:
         assert not r.get("error"), r.get("error")
         assert r["completed"] == n and r["output_len_mismatches"] == 0
