@@ -85,6 +85,41 @@ def baton_speed(model, tok, batch: int, prompt_len: int, output_len: int, kv_cac
             "decode_forward_share": fwd_s / step_s if step_s else 0.0}
 
 
+GEMM_OPS = {"mkldnn::_linear_pointwise", "aten::_weight_int4pack_mm_for_cpu", "aten::mm", "aten::addmm"}
+ATTENTION_OPS = {"aten::bmm", "aten::_softmax", "aten::_index_put_impl_",
+                 "aten::_scaled_dot_product_flash_attention_for_cpu"}
+
+
+def profile_split(model, tok, batch: int, steps: int = 20, prompt_len: int = 64) -> dict:
+    """Where a decode step's wall time goes, from torch.profiler over `steps` engine
+    steps at a full batch: linear-layer GEMMs, attention kernels, other tensor ops
+    (self time of each op), and the rest: Python, the scheduler, sampling and
+    dispatch between ops. The profiler's own cost inflates the rest somewhat."""
+    from torch.profiler import ProfilerActivity, profile
+
+    engine = LLMEngine(EngineConfig(policy="baton-pd", max_num_seqs=batch, pool_size=batch,
+                                    max_prefill_tokens=prompt_len * batch, kv_cache_bytes=2 << 30),
+                       model=model, tokenizer=tok)
+    for i, p in enumerate(prompts_for(model.cfg.vocab_size, batch, prompt_len)):
+        engine.add_request(str(i), p, SamplingParams(max_tokens=steps + 8, temperature=0, ignore_eos=True))
+    for _ in range(4):  # prefill, embed, warm
+        engine.step()
+    with profile(activities=[ProfilerActivity.CPU]) as prof:
+        t0 = time.perf_counter()
+        for _ in range(steps):
+            engine.step()
+        wall = time.perf_counter() - t0
+    split = {"linear GEMMs": 0.0, "attention kernels": 0.0, "other tensor ops": 0.0}
+    for e in prof.key_averages():
+        us = e.self_cpu_time_total
+        key = "linear GEMMs" if e.key in GEMM_OPS else "attention kernels" if e.key in ATTENTION_OPS \
+            else "other tensor ops"
+        split[key] += us / 1e6
+    split["Python, scheduler, sampling, dispatch"] = max(wall - sum(split.values()), 0.0)
+    return {"batch": batch, "steps": steps, "wall_s": wall, "step_ms": 1000 * wall / steps,
+            "seconds": split, "shares": {k: v / wall for k, v in split.items()}}
+
+
 def hf_speed(hf_model, batch: int, prompt_len: int, output_len: int, vocab: int) -> dict:
     from .hf_baselines import hf_generate_static
     from .workloads import BenchRequest
@@ -126,6 +161,7 @@ def run_perf(loaded, batches: Iterable[int] = (1, 8, 32), prompt_len: int = 64, 
             bar.update(1)
     set_int4(model, True)
     bar.close()
+    profiles = [profile_split(model, tok, b) for b in (batches[0], batches[-1])]
     roof = roof or roofline.measure(model, batches=batches)
     ceilings = {g["batch"]: g["gemm_ceiling_tok_s"] for g in roof["gemm"]}
     best = rows[variants[0][0]]
@@ -146,6 +182,7 @@ def run_perf(loaded, batches: Iterable[int] = (1, 8, 32), prompt_len: int = 64, 
             entry["e2e_vs_hf_same_kernels"] = r["e2e_output_tok_s"] / hf_same[i]["e2e_output_tok_s"]
         ratios[b] = entry
     return {"prompt_len": prompt_len, "output_len": output_len, "rows": rows, "ratios": ratios, "roofline": roof,
+            "profile": profiles,
             "threads": torch.get_num_threads(),
             "llama_cpp_reference": {"decode_bf16": LLAMA_CPP_DECODE_BF16, "prefill_bf16": LLAMA_CPP_PREFILL_BF16,
                                     "source": "shared/docs/baton-notes.md (not re-measured in this run)"}}
@@ -173,6 +210,14 @@ def render_perf(perf: dict) -> str:
                      f"{g('e2e_vs_hf_same_kernels')} | "
                      f"{g('decode_share_of_gemm_ceiling', '{:.0%}')} | "
                      f"{g('decode_share_of_bandwidth_floor_bf16', '{:.0%}')} | {g('decode_vs_llama_cpp_bf16')} |")
+    if perf.get("profile"):
+        keys = list(perf["profile"][0]["shares"])
+        lines += ["", "Decode step split (torch.profiler, self time per op category; the rest is Python, "
+                      "scheduling, sampling and dispatch between ops, inflated by the profiler itself):", "",
+                  "| batch | step ms (profiled) | " + " | ".join(keys) + " |", "|---" * (len(keys) + 2) + "|"]
+        for pr in perf["profile"]:
+            lines.append(f"| {pr['batch']} | {pr['step_ms']:.1f} | "
+                         + " | ".join(f"{pr['shares'][k]:.1%}" for k in keys) + " |")
     return "\n".join(lines)
 
 
