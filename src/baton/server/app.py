@@ -191,6 +191,39 @@ class _SSEResponse(StreamingResponse):
             self.on_close()
 
 
+def _stream_response(state: ServerState, stream: RequestStream, rid: str, stop, include_usage: bool,
+                     build, header: dict) -> _SSEResponse:
+    """The SSE body of a streamed completion or chat request: `build(event, text
+    delta)` makes the endpoint's chunk for an engine event (or None to send
+    nothing), then the usage chunk if asked (stream_options.include_usage), then
+    [DONE]. If the client goes away first, the request is aborted and its row freed."""
+
+    async def gen():
+        finished = False
+        streamer = _TextStreamer(stop)
+        try:
+            async for ev in stream:
+                if ev.error:
+                    yield _sse(error_body(ev.error, "server_error", None, "engine_error"))
+                    finished = True
+                    break
+                c = build(ev, streamer.delta(ev))
+                if c is not None:
+                    if include_usage:
+                        c["usage"] = None
+                    yield _sse(c)
+                if ev.finished:
+                    finished = True
+                    if include_usage:
+                        yield _sse({**header, "choices": [], "usage": usage(ev.prompt_tokens, ev.num_tokens)})
+            yield "data: [DONE]\n\n"
+        finally:
+            if not finished:  # client went away (or the task was cancelled): free the row
+                state.async_engine.abort(rid)
+
+    return _SSEResponse(gen(), on_close=lambda: state.async_engine.abort(rid))
+
+
 # ---------------------------------------------------------------- the app
 
 class _AuthMiddleware:
@@ -338,40 +371,21 @@ def create_app(engine, served_model_name: Union[str, list[str], None] = None, ap
                     "choices": [{"index": 0, "text": text, "logprobs": lp, "finish_reason": finish_reason}]}
 
         if req.stream:
-            include_usage = req.include_usage
+            offset = 0  # characters streamed so far, for text_offset in logprobs
 
-            async def gen():
-                finished = False
-                streamer = _TextStreamer(kw.get("stop"))
-                offset = 0
-                try:
-                    async for ev in stream:
-                        if ev.error:
-                            yield _sse(error_body(ev.error, "server_error", None, "engine_error"))
-                            finished = True
-                            break
-                        delta = streamer.delta(ev)
-                        lp = None
-                        if want_lp and ev.new_logprobs:
-                            lp = completion_logprobs(ev.new_logprobs, state.token_text, offset)
-                            offset += sum(len(t) for t in lp["tokens"])
-                        if delta or lp or ev.finished:
-                            c = chunk(delta, ev.finish_reason if ev.finished else None, lp)
-                            if include_usage:
-                                c["usage"] = None
-                            yield _sse(c)
-                        if ev.finished:
-                            finished = True
-                            if include_usage:
-                                yield _sse({"id": rid, "object": "text_completion", "created": created,
-                                            "model": model_name, "choices": [],
-                                            "usage": usage(ev.prompt_tokens, ev.num_tokens)})
-                    yield "data: [DONE]\n\n"
-                finally:
-                    if not finished:  # client went away (or the task was cancelled): free the row
-                        state.async_engine.abort(rid)
+            def build(ev, delta):
+                nonlocal offset
+                lp = None
+                if want_lp and ev.new_logprobs:
+                    lp = completion_logprobs(ev.new_logprobs, state.token_text, offset)
+                    offset += sum(len(t) for t in lp["tokens"])
+                if delta or lp or ev.finished:
+                    return chunk(delta, ev.finish_reason if ev.finished else None, lp)
+                return None
 
-            return _SSEResponse(gen(), on_close=lambda: state.async_engine.abort(rid))
+            return _stream_response(state, stream, rid, kw.get("stop"), req.include_usage, build,
+                                    {"id": rid, "object": "text_completion", "created": created,
+                                     "model": model_name})
 
         final, entries = await _collect(state, stream, request)
         if final is None:
@@ -418,41 +432,22 @@ def create_app(engine, served_model_name: Union[str, list[str], None] = None, ap
                     "choices": [{"index": 0, "delta": delta, "logprobs": lp, "finish_reason": finish_reason}]}
 
         if req.stream:
-            include_usage = req.include_usage
+            first = True
 
-            async def gen():
-                finished = False
-                first = True
-                streamer = _TextStreamer(kw.get("stop"))
-                try:
-                    async for ev in stream:
-                        if ev.error:
-                            yield _sse(error_body(ev.error, "server_error", None, "engine_error"))
-                            finished = True
-                            break
-                        delta = streamer.delta(ev)
-                        lp = chat_logprobs(ev.new_logprobs, state.token_text) if want_lp and ev.new_logprobs else None
-                        if delta or lp or ev.finished or first:
-                            d = {"content": delta} if delta else {}
-                            if first:  # the role rides on the first token's chunk: one chunk per token
-                                d = {"role": "assistant", "content": delta}
-                                first = False
-                            c = chunk(d, ev.finish_reason if ev.finished else None, lp)
-                            if include_usage:
-                                c["usage"] = None
-                            yield _sse(c)
-                        if ev.finished:
-                            finished = True
-                            if include_usage:
-                                yield _sse({"id": rid, "object": "chat.completion.chunk", "created": created,
-                                            "model": model_name, "choices": [],
-                                            "usage": usage(ev.prompt_tokens, ev.num_tokens)})
-                    yield "data: [DONE]\n\n"
-                finally:
-                    if not finished:
-                        state.async_engine.abort(rid)
+            def build(ev, delta):
+                nonlocal first
+                lp = chat_logprobs(ev.new_logprobs, state.token_text) if want_lp and ev.new_logprobs else None
+                if not (delta or lp or ev.finished or first):
+                    return None
+                d = {"content": delta} if delta else {}
+                if first:  # the role rides on the first token's chunk: one chunk per token
+                    d = {"role": "assistant", "content": delta}
+                    first = False
+                return chunk(d, ev.finish_reason if ev.finished else None, lp)
 
-            return _SSEResponse(gen(), on_close=lambda: state.async_engine.abort(rid))
+            return _stream_response(state, stream, rid, kw.get("stop"), req.include_usage, build,
+                                    {"id": rid, "object": "chat.completion.chunk", "created": created,
+                                     "model": model_name})
 
         final, entries = await _collect(state, stream, request)
         if final is None:
