@@ -329,13 +329,17 @@ def shaped_forward(model, cache: ShapedKV, starts: list[int], tokens: list[list[
     B = len(starts)
     counts = [len(t) for t in tokens]
     T = max(max(counts), 1)
-    ids = torch.zeros(B, T, dtype=torch.long)
-    pos = torch.zeros(B, T, dtype=torch.long)
-    for b in range(B):
-        n = counts[b]
-        if n:
-            ids[b, :n] = torch.tensor(tokens[b])
-        pos[b] = torch.arange(starts[b], starts[b] + T)
+    if T == 1 and all(c == 1 for c in counts):  # decode: one token per row, built at once
+        ids = torch.tensor(tokens, dtype=torch.long)
+        pos = torch.tensor(starts, dtype=torch.long).view(B, 1)
+    else:
+        ids = torch.zeros(B, T, dtype=torch.long)
+        pos = torch.zeros(B, T, dtype=torch.long)
+        for b in range(B):
+            n = counts[b]
+            if n:
+                ids[b, :n] = torch.tensor(tokens[b])
+            pos[b] = torch.arange(starts[b], starts[b] + T)
     logit_rows = [b for b in range(B) if want_logits[b] and counts[b]]
     li = (torch.tensor(logit_rows, dtype=torch.long, device=device),
           torch.tensor([counts[b] - 1 for b in logit_rows], dtype=torch.long, device=device))

@@ -273,4 +273,4 @@ class BatonPDPolicy(BatonPolicy):
         logits += p_logits
         if computed or c:
             self.account(computed + c, useful + u)
-        return StepResult(seqs, torch.cat(logits) if logits else None)
+        return StepResult(seqs, (logits[0] if len(logits) == 1 else torch.cat(logits)) if logits else None)
