@@ -11,9 +11,11 @@ from __future__ import annotations
 
 import argparse
 import json
+import shutil
 import socket
 import subprocess
 import sys
+import tempfile
 import threading
 import time
 from pathlib import Path
@@ -50,19 +52,21 @@ def main() -> int:
 
     threading.Thread(target=sample, daemon=True).start()
     rounds = 0
+    round_dir = tempfile.mkdtemp(prefix="soak-rounds-")  # per-round JSONs: not results, just load
     try:
         deadline = t0 + 60 * args.minutes
         while time.monotonic() < deadline:
             subprocess.run(baton + ["bench", "serve", "--port", str(port), "--dataset", "mixed", "--num-prompts", "32",
                                     "--prompt-range", "16:256", "--output-range", "8:128",
                                     "--request-rate", str(args.rate), "--seed", str(rounds),
-                                    "--wait-for-server", "120", "--no-progress", "--out", str(out / "rounds")],
+                                    "--wait-for-server", "120", "--no-progress", "--out", round_dir],
                            check=True, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
             rounds += 1
     finally:
         stop.set()
         server.terminate()
         server.wait(timeout=60)
+        shutil.rmtree(round_dir, ignore_errors=True)
     warm = [r for t, r in samples if t >= 60] or [r for _, r in samples]
     result = {"minutes": args.minutes, "rounds": rounds, "requests": rounds * 32,
               "rss_after_warmup_mib": warm[0] / 2**20, "rss_end_mib": samples[-1][1] / 2**20,
