@@ -89,15 +89,16 @@ def sample(logits: torch.Tensor, params: list[SamplingParams], generators: list[
     """logits: [N, V], one row per sequence, in the model's dtype; computed on in
     float32 (exact for bf16; PyTorch's bf16 argmax ran ~4x slower than upcast +
     float32 argmax on the CPU). Returns one SampledToken per row."""
-    greedy_ids = logits.float().argmax(dim=-1).tolist()
+    logits = logits.float()
+    greedy_ids = logits.argmax(dim=-1).tolist()
     want_logprobs = [i for i, p in enumerate(params) if p.logprobs is not None]
-    logprobs = logits[want_logprobs].float().log_softmax(-1) if want_logprobs else None
+    logprobs = logits[want_logprobs].log_softmax(-1) if want_logprobs else None
     out = []
     for i, p in enumerate(params):
         if p.greedy:
             tok = greedy_ids[i]
         else:
-            row = _filter_logits(logits[i].float() / p.temperature, p)
+            row = _filter_logits(logits[i] / p.temperature, p)
             tok = int(torch.multinomial(row.softmax(-1), 1, generator=generators[i]).item())
         out.append(SampledToken(tok))
     if logprobs is not None:
