@@ -69,7 +69,7 @@ class EngineConfig:
             raise ValueError(f"pool_size must be >= 1; got {self.pool_size}")
         if self.max_preemptions < 0:
             raise ValueError(f"max_preemptions must be >= 0; got {self.max_preemptions}")
-        resolve_kv_dtype(self.kv_cache_dtype, torch.float32, self.device)  # raises on a bad name
+        resolve_kv_dtype(self.kv_cache_dtype, torch.float32)  # raises on a bad name
         if not (0 < self.kv_cache_fraction <= 1):
             raise ValueError(f"kv_cache_fraction must be in (0, 1]; got {self.kv_cache_fraction}")
 
@@ -116,7 +116,7 @@ class LLMEngine:
         self.budget = KVBudget(budget)
         kwargs = dict(max_num_seqs=config.max_num_seqs, max_prefill_tokens=config.max_prefill_tokens,
                       record_timeline=config.record_timeline,
-                      kv_dtype=resolve_kv_dtype(config.kv_cache_dtype, model.dtype, model.device))
+                      kv_dtype=resolve_kv_dtype(config.kv_cache_dtype, model.dtype))
         if config.policy == "baton-pd":
             kwargs.update(pool_size=config.pool_size, max_preemptions=config.max_preemptions)
         self.timed_model = TimedModel(model)

@@ -66,11 +66,12 @@ class KVBudget:
         assert self.resident <= self.used, "resident KV above what is reserved"
 
 
-def resolve_kv_dtype(kv_dtype, model_dtype: torch.dtype, device) -> torch.dtype:
+def resolve_kv_dtype(kv_dtype, model_dtype: torch.dtype) -> torch.dtype:
     """"auto": the model's dtype; or an explicit "float32"/"bfloat16"/"float16".
-    A float32 cache doubles KV bytes; measured on the 2-core CPU it made batch-32
-    decode slower (402 vs 473 tok/s, more bytes to read each step) and brought
-    nothing at small batch that attention_over_cache's float32 compute does not."""
+    A float32 cache doubles KV bytes; on the 2-core CPU it made batch-32 decode
+    slower (462.8 vs 569.3 tok/s in benchmarks/results/perf, more bytes to read
+    each step) and brought nothing at small batch that attention_over_cache's
+    float32 compute does not."""
     if isinstance(kv_dtype, torch.dtype):
         return kv_dtype
     if kv_dtype in (None, "auto"):
