@@ -24,6 +24,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from ..models.llama import pack_linear_weight, packed_linear
+
 
 def model_gemm_shapes(model: nn.Module) -> list[tuple[torch.Tensor, int]]:
     """(weight, count) per distinct Linear weight shape (the first weight of that shape)."""
@@ -113,10 +115,9 @@ def gemm_step_time(model: nn.Module, batch: int, dtype: torch.dtype, min_time: f
             t = _time(lambda: mod(x), min_time=share)
         else:
             t = _time(lambda: F.linear(x, w), min_time=share)
-            if torch.backends.mkldnn.is_available() and dtype in (torch.bfloat16, torch.float32):
-                packed = torch.ops.mkldnn._reorder_linear_weight(w, batch)
-                t = min(t, _time(lambda: torch.ops.mkldnn._linear_pointwise(x, packed, None, "none", [], ""),
-                                 min_time=share))
+            packed = pack_linear_weight(w, batch)
+            if packed is not None:
+                t = min(t, _time(lambda: packed_linear(x, packed), min_time=share))
         total_t += t * count
         total_flops += 2 * batch * w.numel() * count
     return {"batch": batch, "step_gemm_time_s": total_t, "gflops": total_flops / total_t / 1e9,

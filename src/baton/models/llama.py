@@ -102,6 +102,19 @@ _int4_mm = getattr(torch, "_weight_int4pack_mm_for_cpu", None)
 _packed_linear = torch.ops.mkldnn._linear_pointwise if torch.backends.mkldnn.is_available() else None
 
 
+def pack_linear_weight(w: torch.Tensor, batch_hint: int = 32) -> Optional[torch.Tensor]:
+    """`w` ([out, in]) reordered into oneDNN's blocked layout for `packed_linear`,
+    or None where that GEMM does not apply (not CPU, not bf16/fp32, no oneDNN)."""
+    if _packed_linear is None or w.device.type != "cpu" or w.dtype not in (torch.bfloat16, torch.float32):
+        return None
+    return torch.ops.mkldnn._reorder_linear_weight(w.detach(), batch_hint)
+
+
+def packed_linear(x2d: torch.Tensor, packed: torch.Tensor, bias: Optional[torch.Tensor] = None) -> torch.Tensor:
+    """x2d @ W.T (+ bias) with W from pack_linear_weight."""
+    return _packed_linear(x2d, packed, bias, "none", [], "")
+
+
 class Linear(nn.Linear):
     """nn.Linear that can also hold its weight as packed int4 (from a GGUF Q4_1
     tensor: groups of 32 with scale and min, mapped without further loss), used when
@@ -117,11 +130,10 @@ class Linear(nn.Linear):
         F.linear on the plain [out, in] weight ran 1.1-3.7x slower than oneDNN's
         prepacked GEMM at 1-32 tokens (bf16 and fp32; the lm_head GEMV most of
         all), for the same weights and arithmetic."""
-        w = self.weight
-        if w.device.type != "cpu" or w.dtype not in (torch.bfloat16, torch.float32) \
-                or not torch.backends.mkldnn.is_available():
+        packed = pack_linear_weight(self.weight)
+        if packed is None:
             return False
-        self.packed = (torch.ops.mkldnn._reorder_linear_weight(w.detach(), 32), self.bias)
+        self.packed = (packed, self.bias)
         return True
 
     def attach_int4(self, q: torch.Tensor, d: torch.Tensor, m: torch.Tensor, group: int) -> bool:
@@ -143,7 +155,7 @@ class Linear(nn.Linear):
             return y.view(*x.shape[:-1], self.out_features)
         if self.packed is not None:
             weight, bias = self.packed
-            y = _packed_linear(x.reshape(-1, self.in_features), weight, bias, "none", [], "")
+            y = packed_linear(x.reshape(-1, self.in_features), weight, bias)
             return y.view(*x.shape[:-1], self.out_features)
         return F.linear(x, self.weight, self.bias)
 
