@@ -52,14 +52,23 @@ def set_int4(model, enabled: bool) -> int:
     return n
 
 
-def baton_speed(model, tok, batch: int, prompt_len: int, output_len: int, kv_cache_dtype: str = "auto") -> dict:
-    engine = LLMEngine(EngineConfig(policy="baton-pd", max_num_seqs=batch, pool_size=batch, kv_cache_dtype=kv_cache_dtype,
-                                    max_prefill_tokens=prompt_len * batch, kv_cache_bytes=2 << 30),
-                       model=model, tokenizer=tok)
-    prompts = prompts_for(model.cfg.vocab_size, batch, prompt_len)
-    t0 = time.perf_counter()
-    for i, p in enumerate(prompts):
+def fixed_batch_engine(model, tok, batch: int, prompt_len: int, kv_cache_dtype: str = "auto") -> LLMEngine:
+    """baton-pd sized so that `batch` prompts of `prompt_len` are prefilled together and run as one batch."""
+    return LLMEngine(EngineConfig(policy="baton-pd", max_num_seqs=batch, pool_size=batch, kv_cache_dtype=kv_cache_dtype,
+                                  max_prefill_tokens=prompt_len * batch, kv_cache_bytes=2 << 30),
+                     model=model, tokenizer=tok)
+
+
+def add_fixed_requests(engine: LLMEngine, batch: int, prompt_len: int, output_len: int) -> None:
+    """`batch` greedy requests of `prompt_len` prompt tokens and exactly `output_len` output tokens."""
+    for i, p in enumerate(prompts_for(engine.cfg.vocab_size, batch, prompt_len)):
         engine.add_request(str(i), p, SamplingParams(max_tokens=output_len, temperature=0, ignore_eos=True))
+
+
+def baton_speed(model, tok, batch: int, prompt_len: int, output_len: int, kv_cache_dtype: str = "auto") -> dict:
+    engine = fixed_batch_engine(model, tok, batch, prompt_len, kv_cache_dtype)
+    t0 = time.perf_counter()
+    add_fixed_requests(engine, batch, prompt_len, output_len)
     started: set[str] = set()
     produced = 0
     while len(started) < batch:
@@ -97,11 +106,8 @@ def profile_split(model, tok, batch: int, steps: int = 20, prompt_len: int = 64)
     dispatch between ops. The profiler's own cost inflates the rest somewhat."""
     from torch.profiler import ProfilerActivity, profile
 
-    engine = LLMEngine(EngineConfig(policy="baton-pd", max_num_seqs=batch, pool_size=batch,
-                                    max_prefill_tokens=prompt_len * batch, kv_cache_bytes=2 << 30),
-                       model=model, tokenizer=tok)
-    for i, p in enumerate(prompts_for(model.cfg.vocab_size, batch, prompt_len)):
-        engine.add_request(str(i), p, SamplingParams(max_tokens=steps + 8, temperature=0, ignore_eos=True))
+    engine = fixed_batch_engine(model, tok, batch, prompt_len)
+    add_fixed_requests(engine, batch, prompt_len, steps + 8)
     for _ in range(4):  # prefill, embed, warm
         engine.step()
     with profile(activities=[ProfilerActivity.CPU]) as prof:
