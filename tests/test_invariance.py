@@ -7,6 +7,7 @@ import random
 import pytest
 
 from baton import SamplingParams
+from baton.scheduler import baton as baton_scheduler
 from baton.scheduler.base import ShapedBatch
 from testutil import make_engine
 
@@ -69,6 +70,14 @@ def test_rebatching_invariance(policy, seed, tiny_llama, reference, monkeypatch)
         return admit(self, seq)
 
     monkeypatch.setattr(ShapedBatch, "admit", spy)
+    forwards = []  # baton-pd: per forward, each segment's (rows, longest feed, first start)
+    fused = baton_scheduler.shaped_forward
+
+    def spy_forward(model, segments):
+        forwards.append([(len(sg.starts), max(map(len, sg.tokens)), sg.starts[0]) for sg in segments])
+        return fused(model, segments)
+
+    monkeypatch.setattr(baton_scheduler, "shaped_forward", spy_forward)
     engine = make_engine(tiny_llama, policy=policy, max_num_seqs=3, max_prefill_tokens=24)
     reqs = workload(seed)
     got = run_arrivals(engine, reqs)
@@ -81,3 +90,8 @@ def test_rebatching_invariance(policy, seed, tiny_llama, reference, monkeypatch)
         # narrower batch, and rows reused after leaving (14 queries, 3 rows).
         assert any(p > w for p, w in joins) and any(p < w for p, w in joins), joins
         assert engine.policy.batch.cache.reallocations < engine.policy.stats.iterations / 2
+    if policy == "baton-pd":
+        # Decode rows and prompt chunks shared forwards: several prompts at once, and a
+        # prompt continued from a chunk (start > 0) next to the decode segment.
+        assert any(len(f) >= 3 and f[0][1] == 1 for f in forwards), forwards
+        assert any(len(f) >= 2 and any(t > 1 and start > 0 for _, t, start in f[1:]) for f in forwards), forwards

@@ -15,12 +15,13 @@ when the longest query leaves, so reallocation is amortised, never per step.
 """
 from __future__ import annotations
 
+from dataclasses import dataclass
 from typing import Optional
 
 import torch
 import torch.nn.functional as F
 
-from .models.llama import FP32_ATTENTION_MAX_TOKENS, ModelConfig, attention_over_cache
+from .models.llama import ModelConfig, attention_over_cache, upcast_attention
 
 NEG_INF = float("-inf")
 WIDTH_ALIGN = 32  # capacity is grown in multiples of this many columns
@@ -122,7 +123,6 @@ class ShapedKV:
         self.k: list[torch.Tensor] = []
         self.v: list[torch.Tensor] = []
         self.reallocations = 0
-        self.users = 0  # PrefilledKV entries sharing this cache
         if rows and width:
             self._reserve_exact(rows, width)
             self._resize(rows, width, 0, 0)
@@ -223,12 +223,12 @@ class ShapedKV:
         """Copy a prefilled query's KV into `row`, columns 0..length-1."""
         self.ensure_width(length)
         for kl, vl, ek, ev in zip(self.k, self.v, entry.cache.k, entry.cache.v):
-            kl[row, :, :length] = ek[entry.row, :, :length]
-            vl[row, :, :length] = ev[entry.row, :, :length]
+            kl[row, :, :length] = ek[0, :, :length]
+            vl[row, :, :length] = ev[0, :, :length]
 
     def extract(self, row: int, length: int) -> "PrefilledKV":
         """Take row `row` out intact as a one-row entry (used to park a preempted query)."""
-        entry = PrefilledKV.alone(self.cfg, self.dtype, self.device, self.budget, length)
+        entry = PrefilledKV(self.cfg, self.dtype, self.device, self.budget, length)
         for kl, vl, ek, ev in zip(self.k, self.v, entry.cache.k, entry.cache.v):
             ek[0, :, :length] = kl[row, :, :length]
             ev[0, :, :length] = vl[row, :, :length]
@@ -236,29 +236,17 @@ class ShapedKV:
 
 
 class PrefilledKV:
-    """A query's KV outside the running batch: row `row` of `cache`. Queries
-    prefilled together share one cache, freed when the last of them lets go."""
+    """A query's KV outside the running batch (prefilled or parked in the pool): a
+    one-row cache of its own, exactly as wide as its tokens, so entries prefilled in
+    the same iteration pad nothing to each other."""
 
-    def __init__(self, cache: ShapedKV, row: int):
-        self.cache, self.row = cache, row
-        cache.users += 1
-
-    @classmethod
-    def alone(cls, cfg, dtype, device, budget: KVBudget, width: int) -> "PrefilledKV":
-        return cls(ShapedKV(cfg, dtype, device, budget, rows=1, width=width), 0)
-
-    @classmethod
-    def group(cls, cfg, dtype, device, budget: KVBudget, widths: list[int]) -> list["PrefilledKV"]:
-        cache = ShapedKV(cfg, dtype, device, budget, rows=len(widths), width=max(widths))
-        return [cls(cache, r) for r in range(len(widths))]
+    def __init__(self, cfg, dtype, device, budget: KVBudget, width: int):
+        self.cache: Optional[ShapedKV] = ShapedKV(cfg, dtype, device, budget, rows=1, width=width)
 
     def release(self) -> None:
-        if self.cache is None:
-            return
-        self.cache.users -= 1
-        if self.cache.users == 0:
+        if self.cache is not None:
             self.cache.release()
-        self.cache = None
+            self.cache = None
 
 
 class ShapedAttention:
@@ -275,10 +263,12 @@ class ShapedAttention:
         # One row feeding a run of tokens (a prefill or a chunk of one): contiguous
         # columns, written by slicing and attended with SDPA's fused kernel.
         self.span = (starts[0], starts[0] + T) if B == 1 and T > 1 and counts[0] == T else None
-        if self.span is None and B * T > FP32_ATTENTION_MAX_TOKENS and self.W < cache.width <= 2 * self.W:
+        if self.span is None and self.W < cache.width <= 2 * self.W \
+                and not upcast_attention(B, T, self.W, torch.device(device)):
             # Attend over every allocated column: a slice of rows of the full-width cache is
             # contiguous, which spares the copy the CPU's bf16 batched matmul makes of a
             # strided operand (K^T and V, every layer); up to 2x masked columns cost less.
+            # (A float32 upcast copies the slice anyway: no wider than needed then.)
             self.W = cache.width
         if T == 1 and all(c == 1 for c in counts):
             # Decode: every row writes one token at its own length.
@@ -319,35 +309,80 @@ class ShapedAttention:
         return attention_over_cache(q, kc[: self.B, :, : self.W], vc[: self.B, :, : self.W], self.mask, self.scale)
 
 
-def shaped_forward(model, cache: ShapedKV, starts: list[int], tokens: list[list[int]], want_logits: list[bool]):
-    """Vector-shaped forward over rows 0..len(starts)-1 of `cache`.
+@dataclass
+class Segment:
+    """Rows 0..len(starts)-1 of `cache`, fed in one forward: row b writes tokens[b]
+    from column starts[b] on, and wants logits at its last token if want_logits[b]."""
+    cache: ShapedKV
+    starts: list[int]
+    tokens: list[list[int]]
+    want_logits: list[bool]
 
-    Rows feed different numbers of tokens (1 for a decode, a prompt or chunk for a
-    join, 0 for an idle seat); shorter rows are padded to the longest, padded tokens
-    write no KV. Returns (logits [N, V] for rows with want_logits, computed token-rows,
-    useful tokens)."""
-    device = model.device
-    B = len(starts)
-    counts = [len(t) for t in tokens]
-    T = max(max(counts), 1)
-    if T == 1 and all(c == 1 for c in counts):  # decode: one token per row, built at once
-        ids = torch.tensor(tokens, dtype=torch.long)
-        pos = torch.tensor(starts, dtype=torch.long).view(B, 1)
-    else:
+    def inputs(self) -> tuple[torch.Tensor, torch.Tensor]:
+        """Token ids and positions, [B, T]; shorter rows are padded to the longest."""
+        B, counts = len(self.starts), [len(t) for t in self.tokens]
+        T = max(max(counts), 1)
+        if T == 1 and all(c == 1 for c in counts):  # decode: one token per row, built at once
+            return torch.tensor(self.tokens, dtype=torch.long), torch.tensor(self.starts, dtype=torch.long).view(B, 1)
         ids = torch.zeros(B, T, dtype=torch.long)
         pos = torch.zeros(B, T, dtype=torch.long)
         for b in range(B):
-            n = counts[b]
-            if n:
-                ids[b, :n] = torch.tensor(tokens[b])
-            pos[b] = torch.arange(starts[b], starts[b] + T)
-    logit_rows = [b for b in range(B) if want_logits[b] and counts[b]]
-    li = (torch.tensor(logit_rows, dtype=torch.long, device=device),
-          torch.tensor([counts[b] - 1 for b in logit_rows], dtype=torch.long, device=device))
-    ctx = ShapedAttention(cache, starts, counts, device)
+            if counts[b]:
+                ids[b, :counts[b]] = torch.tensor(self.tokens[b])
+            pos[b] = torch.arange(self.starts[b], self.starts[b] + T)
+        return ids, pos
+
+
+class SegmentedAttention:
+    """Several segments in one forward. Their tokens are laid out flat ([1, N]), so
+    the linear layers read each weight once for all of them (decode rows and prompt
+    chunks alike); attention runs per segment, each over its own shaped cache."""
+
+    def __init__(self, parts: list[tuple[ShapedAttention, int, int]]):
+        self.parts = parts  # (context, B, T) per segment, in token order
+
+    def attend(self, layer, q, k, v):
+        outs, off = [], 0
+        for ctx, B, T in self.parts:
+            n = B * T
+            piece = [x[0, off:off + n].view(B, T, *x.shape[2:]) for x in (q, k, v)]
+            outs.append(ctx.attend(layer, *piece).reshape(1, n, -1))
+            off += n
+        return torch.cat(outs, dim=1)
+
+
+def shaped_forward(model, segments: list[Segment]):
+    """Vector-shaped forward over one or more segments (the running batch, prompts
+    being prefilled into the pool). Within a segment rows feed different numbers of
+    tokens (1 for a decode, a prompt or chunk for a join, 0 for an idle seat),
+    padded to the longest; padded tokens write no KV. Returns (logits [N, V] for the
+    rows with want_logits, segment by segment, [(segment index, row)] for those
+    rows, computed token-rows, useful tokens)."""
+    device = model.device
+    inputs = [seg.inputs() for seg in segments]
+    ctxs = [ShapedAttention(seg.cache, seg.starts, [len(t) for t in seg.tokens], device) for seg in segments]
+    rows, batch_idx, time_idx, off = [], [], [], 0
+    for i, (seg, (ids, _)) in enumerate(zip(segments, inputs)):
+        B, T = ids.shape
+        for b, toks in enumerate(seg.tokens):
+            if seg.want_logits[b] and toks:
+                rows.append((i, b))
+                batch_idx.append(b)
+                time_idx.append(off + b * T + len(toks) - 1 if len(segments) > 1 else len(toks) - 1)
+        off += B * T
+    if len(segments) == 1:
+        (ids, pos), ctx = inputs[0], ctxs[0]
+    else:  # flat: one row of all segments' tokens
+        ids = torch.cat([i.reshape(1, -1) for i, _ in inputs], dim=1)
+        pos = torch.cat([p.reshape(1, -1) for _, p in inputs], dim=1)
+        ctx = SegmentedAttention([(c, *i.shape) for c, (i, _) in zip(ctxs, inputs)])
+        batch_idx = [0] * len(time_idx)
+    li = (torch.tensor(batch_idx, dtype=torch.long, device=device),
+          torch.tensor(time_idx, dtype=torch.long, device=device))
     # Runs even when no row wants logits: a prefill chunk still writes its KV.
     logits = model(ids.to(device), pos.to(device), ctx, li)
-    return logits, logit_rows, B * T, sum(counts)
+    useful = sum(len(t) for seg in segments for t in seg.tokens)
+    return logits, rows, off, useful
 
 
 class RequestKV:

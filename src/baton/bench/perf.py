@@ -25,6 +25,7 @@ import torch
 from tqdm.auto import tqdm
 
 from ..engine import EngineConfig, LLMEngine
+from ..models.llama import INT4_MAX_TOKENS, Linear
 from ..sampling import SamplingParams
 
 # llama.cpp on this kind of machine (shared/docs/baton-notes.md; same SmolLM2 weights as a
@@ -42,8 +43,6 @@ def prompts_for(vocab: int, batch: int, prompt_len: int) -> list[list[int]]:
 
 def set_int4(model, enabled: bool) -> int:
     """Turn the int4 small-batch path on or off for every linear that has one."""
-    from ..models.llama import INT4_MAX_TOKENS, Linear
-
     n = 0
     for m in model.modules():
         if isinstance(m, Linear) and m.int4 is not None:
@@ -148,7 +147,7 @@ def run_perf(loaded, batches: Iterable[int] = (1, 8, 32), prompt_len: int = 64, 
     model, tok = loaded.model, loaded.tokenizer
     has_int4 = set_int4(model, True) > 0
     # (name, int4 small-batch path, KV cache dtype); the first is the default configuration
-    variants = [("baton (int4 GEMV at <= 4 tokens)", True, "auto"), ("baton (dense only)", False, "auto")] \
+    variants = [(f"baton (int4 GEMV at <= {INT4_MAX_TOKENS} tokens)", True, "auto"), ("baton (dense only)", False, "auto")] \
         if has_int4 else [("baton", False, "auto")]
     if model.dtype != torch.float32:
         variants.append((variants[0][0] + ", float32 KV cache", has_int4, "float32"))

@@ -9,7 +9,7 @@ from typing import Optional
 
 import torch
 
-from ..kv import KVBudget, ShapedKV, reservation_bytes, shaped_forward, slot_bytes
+from ..kv import KVBudget, Segment, ShapedKV, reservation_bytes, shaped_forward, slot_bytes
 from ..sequence import Sequence, Status
 
 
@@ -156,14 +156,22 @@ class ShapedBatch:
         else:
             self.cache.release()
 
-    def forward(self, model, tokens: list[list[int]], want_logits: list[bool]):
-        """One vector-shaped iteration over all live rows; advances num_cached."""
+    def segment(self, tokens: list[list[int]], want_logits: list[bool]) -> Segment:
+        """This iteration's segment over all live rows (the columns it needs are
+        allocated here); call advance(tokens) once it has run."""
         starts = [s.num_cached for s in self.rows]
         self.cache.ensure_width(max(s + len(t) for s, t in zip(starts, tokens)))
-        logits, logit_rows, computed, useful = shaped_forward(model, self.cache, starts, tokens, want_logits)
+        return Segment(self.cache, starts, tokens, want_logits)
+
+    def advance(self, tokens: list[list[int]]) -> None:
         for s, t in zip(self.rows, tokens):
             s.num_cached += len(t)
-        return logits, [self.rows[b] for b in logit_rows], computed, useful
+
+    def forward(self, model, tokens: list[list[int]], want_logits: list[bool]):
+        """One vector-shaped iteration over all live rows; advances num_cached."""
+        logits, logit_rows, computed, useful = shaped_forward(model, [self.segment(tokens, want_logits)])
+        self.advance(tokens)
+        return logits, [self.rows[b] for _, b in logit_rows], computed, useful
 
     def live_tokens(self) -> int:
         return sum(s.num_cached for s in self.rows)

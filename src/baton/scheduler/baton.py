@@ -11,9 +11,9 @@ iterations: a finished query leaves at once and a waiting one takes its row.
 """
 from __future__ import annotations
 
-import torch
+from typing import Optional
 
-from ..kv import KVBudgetExceeded, PrefilledKV, reservation_bytes, shaped_forward
+from ..kv import KVBudgetExceeded, PrefilledKV, Segment, reservation_bytes, shaped_forward
 from ..sequence import Sequence, Status
 from .base import Policy, ShapedBatch, StepResult
 
@@ -191,86 +191,63 @@ class BatonPDPolicy(BatonPolicy):
             else cache.bytes_for(max(rows, cache.rows_cap), max(width, cache.width_cap)) - cache.reserved
         return self.budget.fits(reservation_bytes(self.cfg, self.slot, 1, self._target(seq)) + growth)
 
-    def _take_group(self, budget: int) -> list[Sequence]:
-        """Move waiting queries into the pool to be prefilled together this iteration:
-        in queue order, while there is pool room, memory (reserve-on-admit) and
-        prefill budget. A first query longer than the budget goes alone, chunked."""
-        group: list[Sequence] = []
-        while self.waiting:
-            seq = self.waiting[0]
-            fresh = [s for s in self.pool if s.status is Status.PREFILLED]
-            room = len(fresh) < self.pool_size or all(seq.sort_key < s.sort_key for s in self.pool)
-            need = self._target(seq)
-            if not room or not self._pool_admission_fits(seq) or (group and need > budget):
-                break
-            self.waiting.pop(0)
-            seq.status = Status.PREFILLED
-            self.pool.append(seq)
-            group.append(seq)
-            budget -= need
-            if budget <= 0:
-                break
-        widths = [self._target(s) for s in group]
-        while group:
-            try:
-                if len(group) == 1 or widths[0] > self.max_prefill_tokens:
-                    group[0].kv = PrefilledKV.alone(self.cfg, self.kv_dtype, self.model.device, self.budget,
-                                                    widths[0])
-                    for s in group[1:]:
-                        self._unpool(s)
-                    return group[:1]
-                for s, kv in zip(group, PrefilledKV.group(self.cfg, self.kv_dtype, self.model.device,
-                                                          self.budget, widths)):
-                    s.kv = kv
-                return group
-            except KVBudgetExceeded:  # padding of the shared cache did not fit: take fewer
-                self._unpool(group.pop())
-                widths.pop()
-        return group
+    def _pool_next(self) -> Optional[Sequence]:
+        """Move the first waiting query into the pool with a cache of its own, if
+        there is pool room and memory (reserve-on-admit); None otherwise."""
+        if not self.waiting:
+            return None
+        seq = self.waiting[0]
+        fresh = sum(s.status is Status.PREFILLED for s in self.pool)
+        room = fresh < self.pool_size or all(seq.sort_key < s.sort_key for s in self.pool)
+        if not room or not self._pool_admission_fits(seq):
+            return None
+        try:
+            seq.kv = PrefilledKV(self.cfg, self.kv_dtype, self.model.device, self.budget, self._target(seq))
+        except KVBudgetExceeded:
+            return None
+        self.waiting.pop(0)
+        seq.status = Status.PREFILLED
+        self.pool.append(seq)
+        return seq
 
-    def _unpool(self, seq: Sequence) -> None:
-        self.pool.remove(seq)
-        seq.status = Status.WAITING
-        self.add(seq)
-
-    def _prefill(self) -> tuple[list[Sequence], list[torch.Tensor], int, int]:
-        """Prefill into the pool, at most max_prefill_tokens per iteration. Short
-        prompts are prefilled together in one forward (their KV shares one cache);
-        a long prompt is prefilled alone in chunks across iterations."""
-        budget, seqs, logits, computed, useful = self.max_prefill_tokens, [], [], 0, 0
+    def _plan_prefill(self) -> list[tuple[Sequence, list[int], bool]]:
+        """This iteration's prefill into the pool, at most max_prefill_tokens: the
+        unfinished entries first (a long prompt continues in chunks), then queries
+        from the queue. Returns (query, tokens to feed, sample its first token?)."""
+        budget, plan = self.max_prefill_tokens, []
         unfinished = sorted((s for s in self.pool if s.num_cached < self._target(s)), key=lambda s: s.sort_key)
         while budget > 0:
-            group = [unfinished.pop(0)] if unfinished else self._take_group(budget)
-            if not group:
+            seq = unfinished.pop(0) if unfinished else self._pool_next()
+            if seq is None:
                 break
+            todo = (seq.prompt_ids + seq.output_ids)[seq.num_cached: self._target(seq)]
+            chunk = todo[:budget]
             # A fresh query samples its first token at the end of its prefill; a
             # recomputed one already has its pending token.
-            todo = [(s.prompt_ids + s.output_ids)[s.num_cached: self._target(s)] for s in group]
-            chunks = [t[:budget] for t in todo]
-            sample = [len(c) == len(t) and not s.output_ids for s, c, t in zip(group, chunks, todo)]
-            cache = group[0].kv.cache
-            out, rows, c, u = shaped_forward(self.model, cache, [s.num_cached for s in group], chunks, sample)
-            for s, chunk in zip(group, chunks):
-                s.num_cached += len(chunk)
-                budget -= len(chunk)
-            computed += c
-            useful += u
-            if rows:
-                seqs += [group[r] for r in rows]
-                logits.append(out)
-        return seqs, logits, computed, useful
+            plan.append((seq, chunk, len(chunk) == len(todo) and not seq.output_ids))
+            budget -= len(chunk)
+        return plan
 
     def step(self) -> StepResult:
+        """Embed ready entries, then one forward: the batch's decode tokens and this
+        iteration's prompt chunks as segments of one flat token batch, so the weights
+        are read once (each segment attends over its own cache, nothing padded to
+        another). The decode rows stay one token each."""
         self._embed_ready()
-        seqs, logits, computed, useful = [], [], 0, 0
-        if len(self.batch):
-            tokens = [s.uncached_tokens() for s in self.batch.rows]  # one token per row
-            out, dec_seqs, computed, useful = self.batch.forward(self.model, tokens, [True] * len(tokens))
-            seqs += dec_seqs
-            logits.append(out)
-        p_seqs, p_logits, c, u = self._prefill()
-        seqs += p_seqs
-        logits += p_logits
-        if computed or c:
-            self.account(computed + c, useful + u)
-        return StepResult(seqs, (logits[0] if len(logits) == 1 else torch.cat(logits)) if logits else None)
+        segments, owners = [], []
+        decode = [s.uncached_tokens() for s in self.batch.rows]  # one token per row
+        if decode:
+            segments.append(self.batch.segment(decode, [True] * len(decode)))
+            owners.append(list(self.batch.rows))
+        plan = self._plan_prefill()
+        for seq, chunk, sample in plan:
+            segments.append(Segment(seq.kv.cache, [seq.num_cached], [chunk], [sample]))
+            owners.append([seq])
+        if not segments:
+            return StepResult([], None)
+        logits, rows, computed, useful = shaped_forward(self.model, segments)
+        self.batch.advance(decode)
+        for seq, chunk, _ in plan:
+            seq.num_cached += len(chunk)
+        self.account(computed, useful)
+        return StepResult([owners[i][b] for i, b in rows], logits if rows else None)
