@@ -27,6 +27,17 @@ NEG_INF = float("-inf")
 WIDTH_ALIGN = 32  # capacity is grown in multiples of this many columns
 
 
+def shape_bucket(n: int) -> int:
+    """n rounded up to one of a bounded set of sizes (steps of 8 up to 128, 16 up to
+    512, 32 up to 2048, then 128; at most ~6% more). oneDNN's GEMMs keep state per distinct shape that
+    is never given back: 300 random token counts grew RSS by 130 MiB a round and
+    kept growing, the same count drawn from 40 sizes stayed flat. Forwards are
+    padded to these token counts and bf16 attention to these widths, so RSS levels
+    off under any mix of prompt lengths."""
+    step = 8 if n <= 128 else 16 if n <= 512 else 32 if n <= 2048 else 128
+    return -(-n // step) * step
+
+
 class KVBudgetExceeded(RuntimeError):
     pass
 
@@ -263,13 +274,16 @@ class ShapedAttention:
         # One row feeding a run of tokens (a prefill or a chunk of one): contiguous
         # columns, written by slicing and attended with SDPA's fused kernel.
         self.span = (starts[0], starts[0] + T) if B == 1 and T > 1 and counts[0] == T else None
-        if self.span is None and self.W < cache.width <= 2 * self.W \
-                and not upcast_attention(B, T, self.W, torch.device(device)):
-            # Attend over every allocated column: a slice of rows of the full-width cache is
-            # contiguous, which spares the copy the CPU's bf16 batched matmul makes of a
-            # strided operand (K^T and V, every layer); up to 2x masked columns cost less.
-            # (A float32 upcast copies the slice anyway: no wider than needed then.)
-            self.W = cache.width
+        if self.span is None and not upcast_attention(B, T, self.W, torch.device(device)):
+            if self.W < cache.width <= 2 * self.W:
+                # Attend over every allocated column: a slice of rows of the full-width cache
+                # is contiguous, which spares the copy the CPU's bf16 batched matmul makes of
+                # a strided operand (K^T and V, every layer); up to 2x masked columns cost less.
+                self.W = cache.width
+            else:
+                # Whole blocks of columns: the bf16 matmul keeps state per shape that is
+                # never freed (see shape_bucket), so the width must not take every value.
+                self.W = min(cache.width, shape_bucket(self.W))
         if T == 1 and all(c == 1 for c in counts):
             # Decode: every row writes one token at its own length.
             self.dst = (torch.arange(B, device=device), starts_t)
@@ -338,15 +352,18 @@ class SegmentedAttention:
     the linear layers read each weight once for all of them (decode rows and prompt
     chunks alike); attention runs per segment, each over its own shaped cache."""
 
-    def __init__(self, parts: list[tuple[ShapedAttention, int, int]]):
-        self.parts = parts  # (context, B, T) per segment, in token order
+    def __init__(self, parts: list[tuple[Optional[ShapedAttention], int, int]]):
+        self.parts = parts  # (context, B, T) per segment, in token order; None: padding
 
     def attend(self, layer, q, k, v):
         outs, off = [], 0
         for ctx, B, T in self.parts:
             n = B * T
-            piece = [x[0, off:off + n].view(B, T, *x.shape[2:]) for x in (q, k, v)]
-            outs.append(ctx.attend(layer, *piece).reshape(1, n, -1))
+            if ctx is None:  # padding tokens: attend to nothing, write no KV
+                outs.append(q.new_zeros(1, n, q.shape[2] * q.shape[3]))
+            else:
+                piece = [x[0, off:off + n].view(B, T, *x.shape[2:]) for x in (q, k, v)]
+                outs.append(ctx.attend(layer, *piece).reshape(1, n, -1))
             off += n
         return torch.cat(outs, dim=1)
 
@@ -361,28 +378,37 @@ def shaped_forward(model, segments: list[Segment]):
     device = model.device
     inputs = [seg.inputs() for seg in segments]
     ctxs = [ShapedAttention(seg.cache, seg.starts, [len(t) for t in seg.tokens], device) for seg in segments]
-    rows, batch_idx, time_idx, off = [], [], [], 0
+    rows, batch_idx, time_idx, flat_idx, off = [], [], [], [], 0
     for i, (seg, (ids, _)) in enumerate(zip(segments, inputs)):
         B, T = ids.shape
         for b, toks in enumerate(seg.tokens):
             if seg.want_logits[b] and toks:
                 rows.append((i, b))
                 batch_idx.append(b)
-                time_idx.append(off + b * T + len(toks) - 1 if len(segments) > 1 else len(toks) - 1)
+                time_idx.append(len(toks) - 1)
+                flat_idx.append(off + b * T + len(toks) - 1)
         off += B * T
-    if len(segments) == 1:
+    decode = len(segments) == 1 and inputs[0][0].shape[1] == 1
+    if decode:  # one token per row: as many shapes as batch sizes
         (ids, pos), ctx = inputs[0], ctxs[0]
-    else:  # flat: one row of all segments' tokens
-        ids = torch.cat([i.reshape(1, -1) for i, _ in inputs], dim=1)
-        pos = torch.cat([p.reshape(1, -1) for _, p in inputs], dim=1)
-        ctx = SegmentedAttention([(c, *i.shape) for c, (i, _) in zip(ctxs, inputs)])
-        batch_idx = [0] * len(time_idx)
+        computed = off
+    else:  # flat: one row of all segments' tokens, padded to a bounded set of sizes
+        computed = shape_bucket(off)
+        parts = [(c, *i.shape) for c, (i, _) in zip(ctxs, inputs)]
+        flat_ids, flat_pos = [i.reshape(1, -1) for i, _ in inputs], [p.reshape(1, -1) for _, p in inputs]
+        if computed > off:
+            parts.append((None, 1, computed - off))
+            flat_ids.append(torch.zeros(1, computed - off, dtype=torch.long))
+            flat_pos.append(torch.zeros(1, computed - off, dtype=torch.long))
+        ids, pos = torch.cat(flat_ids, dim=1), torch.cat(flat_pos, dim=1)
+        ctx = SegmentedAttention(parts)
+        batch_idx, time_idx = [0] * len(flat_idx), flat_idx
     li = (torch.tensor(batch_idx, dtype=torch.long, device=device),
           torch.tensor(time_idx, dtype=torch.long, device=device))
     # Runs even when no row wants logits: a prefill chunk still writes its KV.
     logits = model(ids.to(device), pos.to(device), ctx, li)
     useful = sum(len(t) for seg in segments for t in seg.tokens)
-    return logits, rows, off, useful
+    return logits, rows, computed, useful
 
 
 class RequestKV:
