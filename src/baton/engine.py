@@ -128,6 +128,7 @@ class LLMEngine:
         self.hooks: list[Callable[[str, Sequence], None]] = []  # metrics: (event, seq)
         self.eos_ids = set(tokenizer.eos_token_ids if tokenizer else self.cfg.eos_token_ids)
         self.step_seconds = 0.0  # wall time in step(); timed_model.seconds of it in forwards
+        self.sample_seconds = 0.0  # of it in the sampler
 
     # ------------------------------------------------------------ requests
     def encode_prompt(self, prompt: Union[str, Seq[int]]) -> list[int]:
@@ -191,9 +192,11 @@ class LLMEngine:
         if not batch.seqs:
             return []
         params = [s.params for s in batch.seqs]
+        t0 = time.perf_counter()
         tokens = sample(batch.logits, params, [s.generator for s in batch.seqs])
+        self.sample_seconds += time.perf_counter() - t0
         now = time.monotonic()
-        outputs = []
+        deltas, finished = [], []
         for seq, tok in zip(batch.seqs, tokens):
             seq.output_ids.append(tok.token_id)
             if seq.first_token_time is None:
@@ -204,7 +207,14 @@ class LLMEngine:
             reason = self._check_stop(seq, tok.token_id)
             if reason:
                 delta = self._trim_stop(seq, delta) if reason == "stop" else delta
-                self._finish(seq, reason)
+                finished.append((seq, reason))
+            deltas.append(delta)
+        # Leaving rows go last row first: a freed row is refilled by moving the batch's
+        # last row into it, and that row should not be one that is leaving too.
+        for seq, reason in sorted(finished, key=lambda f: -1 if f[0].row is None else f[0].row, reverse=True):
+            self._finish(seq, reason)
+        outputs = []
+        for seq, tok, delta in zip(batch.seqs, tokens, deltas):
             outputs.append(self._output(seq, delta, [tok.token_id]))
             self._emit("token", seq)
         return outputs
@@ -293,4 +303,6 @@ class LLMEngine:
             "step_seconds": self.step_seconds,
             "forward_seconds": self.timed_model.seconds,
             "overhead_share": 1 - self.timed_model.seconds / self.step_seconds if self.step_seconds else 0.0,
+            "kv_copy_seconds": self.budget.copy_seconds,  # overhead parts: KV allocation and copies,
+            "sample_seconds": self.sample_seconds,        # the sampler; the rest is scheduling and Python
         }

@@ -15,6 +15,7 @@ when the longest query leaves, so reallocation is amortised, never per step.
 """
 from __future__ import annotations
 
+import time
 from dataclasses import dataclass
 from typing import Optional
 
@@ -58,6 +59,8 @@ class KVBudget:
         self.peak = 0
         self.resident = 0
         self.resident_peak = 0
+        self.copy_seconds = 0.0  # wall time the caches spent allocating and copying KV
+        self.copying = False
 
     def fits(self, extra: int) -> bool:
         return self.used + extra <= self.limit
@@ -108,6 +111,22 @@ def reservation_bytes(cfg: ModelConfig, slot: int, rows: int, width: int) -> int
 
 def round_width(n: int) -> int:
     return max(WIDTH_ALIGN, -(-n // WIDTH_ALIGN) * WIDTH_ALIGN)
+
+
+def _timed_copy(method):
+    """Adds the method's wall time to the budget's copy_seconds (the engine reports
+    KV allocation and copies apart from scheduling overhead)."""
+    def timed(self, *args):
+        budget = self.budget
+        if budget.copying:  # nested (embed -> ensure_width -> _resize): timed once
+            return method(self, *args)
+        budget.copying, t0 = True, time.perf_counter()
+        try:
+            return method(self, *args)
+        finally:
+            budget.copying = False
+            budget.copy_seconds += time.perf_counter() - t0
+    return timed
 
 
 class ShapedKV:
@@ -200,6 +219,7 @@ class ShapedKV:
         self.resident += nbytes
         self.budget.allocated(nbytes)
 
+    @_timed_copy
     def _resize(self, rows: int, width: int, live_rows: int, live_width: int) -> None:
         """Reallocate to rows x width, one layer at a time, keeping the live region."""
         H, D = self.cfg.num_kv_heads, self.cfg.head_dim
@@ -225,11 +245,13 @@ class ShapedKV:
         self.k, self.v = [], []
         self.reserved = self.rows_cap = self.width_cap = self.rows = self.width = 0
 
+    @_timed_copy
     def move_row(self, src: int, dst: int, width: int) -> None:
         for kl, vl in zip(self.k, self.v):
             kl[dst, :, :width] = kl[src, :, :width]
             vl[dst, :, :width] = vl[src, :, :width]
 
+    @_timed_copy
     def embed(self, row: int, entry: "PrefilledKV", length: int) -> None:
         """Copy a prefilled query's KV into `row`, columns 0..length-1."""
         self.ensure_width(length)
@@ -237,6 +259,7 @@ class ShapedKV:
             kl[row, :, :length] = ek[0, :, :length]
             vl[row, :, :length] = ev[0, :, :length]
 
+    @_timed_copy
     def extract(self, row: int, length: int) -> "PrefilledKV":
         """Take row `row` out intact as a one-row entry (used to park a preempted query)."""
         entry = PrefilledKV(self.cfg, self.dtype, self.device, self.budget, length)

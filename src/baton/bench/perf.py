@@ -82,15 +82,20 @@ def baton_speed(model, tok, batch: int, prompt_len: int, output_len: int, kv_cac
         decode_tokens += sum(len(o.new_token_ids) for o in engine.step())
     t_decode = time.perf_counter() - t1
     s1 = engine.stats()
-    step_s = s1["step_seconds"] - s0["step_seconds"]
-    fwd_s = s1["forward_seconds"] - s0["forward_seconds"]
+    step_s, fwd_s, kv_s, sample_s = (s1[k] - s0[k] for k in
+                                     ("step_seconds", "forward_seconds", "kv_copy_seconds", "sample_seconds"))
     total = produced + decode_tokens
     assert total == batch * output_len
     return {"batch": batch, "prefill_tok_s": batch * prompt_len / t_prefill, "decode_tok_s": decode_tokens / t_decode,
             "e2e_output_tok_s": total / (t_prefill + t_decode), "total_time_s": t_prefill + t_decode,
             "decode_step_ms": 1000 * t_decode / max(s1["iterations"] - s0["iterations"], 1),
             "decode_overhead_share": 1 - fwd_s / step_s if step_s else 0.0,
-            "decode_forward_share": fwd_s / step_s if step_s else 0.0}
+            "decode_forward_share": fwd_s / step_s if step_s else 0.0,
+            # the overhead's parts: KV allocation and copies (embedding prefilled queries,
+            # growing columns, refilling freed rows), the sampler, scheduling and Python
+            "decode_kv_copy_share": kv_s / step_s if step_s else 0.0,
+            "decode_sampler_share": sample_s / step_s if step_s else 0.0,
+            "decode_scheduler_share": (step_s - fwd_s - kv_s - sample_s) / step_s if step_s else 0.0}
 
 
 GEMM_OPS = {"mkldnn::_linear_pointwise", "aten::_weight_int4pack_mm_for_cpu", "aten::mm", "aten::addmm"}
@@ -199,16 +204,21 @@ def run_perf(loaded, batches: Iterable[int] = (1, 8, 32), prompt_len: int = 64, 
 def render_perf(perf: dict) -> str:
     lines = [f"Requests: B x ({perf['prompt_len']}-token prompt, {perf['output_len']} output tokens), "
              f"all at t=0; {perf['threads']} threads.", "",
-             "| system | batch | prefill tok/s | decode tok/s | end-to-end out tok/s | decode overhead share |",
-             "|---|---|---|---|---|---|"]
+             "Decode steps' time outside the model's forward (overhead), and its parts: KV allocation and "
+             "copies, the sampler, and scheduling and Python (the rest).", "",
+             "| system | batch | prefill tok/s | decode tok/s | end-to-end out tok/s | decode overhead share "
+             "| KV copies | sampler | scheduler and Python |",
+             "|---|---|---|---|---|---|---|---|---|"]
     for name, rows in perf["rows"].items():
         for r in rows:
             f = lambda k, fmt="{:.1f}": fmt.format(r[k]) if k in r else "-"  # noqa: E731
             lines.append(f"| {name} | {r['batch']} | {f('prefill_tok_s')} | {f('decode_tok_s')} | "
-                         f"{f('e2e_output_tok_s')} | {f('decode_overhead_share', '{:.1%}')} |")
+                         f"{f('e2e_output_tok_s')} | {f('decode_overhead_share', '{:.1%}')} | "
+                         f"{f('decode_kv_copy_share', '{:.1%}')} | {f('decode_sampler_share', '{:.1%}')} | "
+                         f"{f('decode_scheduler_share', '{:.1%}')} |")
     ref = perf["llama_cpp_reference"]
     for b, v in ref["decode_bf16"].items():
-        lines.append(f"| llama.cpp BF16 (notes, not re-measured) | {b} | {ref['prefill_bf16']} | {v} | - | - |")
+        lines.append(f"| llama.cpp BF16 (notes, not re-measured) | {b} | {ref['prefill_bf16']} | {v} | - | - | - | - | - |")
     lines += ["", "| batch | baton e2e / HF generate | dense-only e2e / HF | baton e2e / HF with baton's GEMMs "
                   "| decode / GEMM ceiling (model's GEMM shapes) | decode / bf16 bandwidth floor | decode / llama.cpp |",
               "|---|---|---|---|---|---|---|"]

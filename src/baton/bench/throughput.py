@@ -185,7 +185,7 @@ def run_policy(loaded: Loaded, policy: str, requests: Sequence[BenchRequest], *,
         "mean_decode_batch": decode["rows"] / decode["steps"] if decode["steps"] else 0.0,
         "mean_decode_live_batch": decode["tokens"] / decode["steps"] if decode["steps"] else 0.0,
     }
-    for key in ("step_seconds", "forward_seconds", "overhead_share", "iterations"):
+    for key in ("step_seconds", "forward_seconds", "overhead_share", "kv_copy_seconds", "sample_seconds", "iterations"):
         if key in s:  # engine-side timing split, when the engine reports it
             row["engine_" + key] = s[key]
     if record_timeline:
