@@ -29,13 +29,21 @@ WIDTH_ALIGN = 32  # capacity is grown in multiples of this many columns
 
 
 def shape_bucket(n: int) -> int:
-    """n rounded up to one of a bounded set of sizes (steps of 8 up to 128, 16 up to
-    512, 32 up to 2048, then 128; at most ~6% more). oneDNN's GEMMs keep state per distinct shape that
-    is never given back: 300 random token counts grew RSS by 130 MiB a round and
-    kept growing, the same count drawn from 40 sizes stayed flat. Forwards are
-    padded to these token counts and bf16 attention to these widths, so RSS levels
-    off under any mix of prompt lengths."""
+    """n rounded up to one of a bounded set of sizes (steps of 8 up to 128, 16 up
+    to 512, 32 up to 2048, then 128: at most 15 tokens or ~6% more). oneDNN's GEMMs
+    keep state per distinct shape that is never given back: 300 random token counts
+    grew RSS by 130 MiB a round and kept growing, the same count drawn from 40 sizes
+    stayed flat. Forwards are padded to these token counts (and bf16 attention to
+    width_bucket widths), so RSS levels off under any mix of prompt lengths."""
     step = 8 if n <= 128 else 16 if n <= 512 else 32 if n <= 2048 else 128
+    return -(-n // step) * step
+
+
+def width_bucket(n: int) -> int:
+    """n rounded up to a quarter octave (64, 80, 96, 112, 128, 160, ...); steps of 8 up to 64."""
+    if n <= 64:
+        return shape_bucket(n)
+    step = 1 << (n.bit_length() - 3)
     return -(-n // step) * step
 
 
@@ -304,9 +312,10 @@ class ShapedAttention:
                 # a strided operand (K^T and V, every layer); up to 2x masked columns cost less.
                 self.W = cache.width
             else:
-                # Whole blocks of columns: the bf16 matmul keeps state per shape that is
-                # never freed (see shape_bucket), so the width must not take every value.
-                self.W = min(cache.width, shape_bucket(self.W))
+                # The bf16 matmul keeps state per shape that is never freed (see
+                # shape_bucket), and rows x width take many values: widths are rounded
+                # to quarter octaves (at most 25% more columns, all masked).
+                self.W = min(cache.width, width_bucket(self.W))
         if T == 1 and all(c == 1 for c in counts):
             # Decode: every row writes one token at its own length.
             self.dst = (torch.arange(B, device=device), starts_t)
