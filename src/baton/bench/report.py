@@ -13,10 +13,15 @@ import torch
 
 
 def cpu_model() -> str:
+    """The model name, with the family and model numbers (a VM may report only "AMD
+    EPYC", which covers CPUs of very different speed)."""
     try:
+        fields = {}
         for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.lower().startswith("model name"):
-                return line.split(":", 1)[1].strip()
+            key, _, value = line.partition(":")
+            fields.setdefault(key.strip().lower(), value.strip())
+        if "model name" in fields:
+            return f"{fields['model name']} (family {fields.get('cpu family', '?')}, model {fields.get('model', '?')})"
     except OSError:
         pass
     return platform.processor() or "unknown"
