@@ -95,3 +95,14 @@ def test_rebatching_invariance(policy, seed, tiny_llama, reference, monkeypatch)
         # prompt continued from a chunk (start > 0) next to the decode segment.
         assert any(len(f) >= 3 and f[0][1] == 1 for f in forwards), forwards
         assert any(len(f) >= 2 and any(t > 1 and start > 0 for _, t, start in f[1:]) for f in forwards), forwards
+
+
+@pytest.mark.parametrize("max_prefill_tokens,pool_size", [(1, 1), (5, 2), (200, 8)])
+def test_baton_pd_invariance_at_any_prefill_budget(max_prefill_tokens, pool_size, tiny_llama, reference):
+    # Prompt chunks of any size share forwards with the decode rows (one token per
+    # chunk at a budget of 1; several whole prompts at 200): results stay the same.
+    engine = make_engine(tiny_llama, policy="baton-pd", max_num_seqs=3, max_prefill_tokens=max_prefill_tokens,
+                         pool_size=pool_size)
+    got = run_arrivals(engine, workload(0))
+    assert [got[i] for i in range(len(got))] == reference[0]
+    assert engine.budget.used == 0 and engine.budget.resident == 0 and not engine.requests
