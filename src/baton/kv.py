@@ -305,7 +305,7 @@ class ShapedAttention:
         # One row feeding a run of tokens (a prefill or a chunk of one): contiguous
         # columns, written by slicing and attended with SDPA's fused kernel.
         self.span = (starts[0], starts[0] + T) if B == 1 and T > 1 and counts[0] == T else None
-        if self.span is None and not upcast_attention(B, T, self.W, torch.device(device)):
+        if self.span is None and not upcast_attention(B, T, self.W, cache.device):
             if self.W < cache.width <= 2 * self.W:
                 # Attend over every allocated column: a slice of rows of the full-width cache
                 # is contiguous, which spares the copy the CPU's bf16 batched matmul makes of

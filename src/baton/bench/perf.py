@@ -152,8 +152,8 @@ def run_perf(loaded, batches: Iterable[int] = (1, 8, 32), prompt_len: int = 64, 
     model, tok = loaded.model, loaded.tokenizer
     has_int4 = set_int4(model, True) > 0
     # (name, int4 small-batch path, KV cache dtype); the first is the default configuration
-    variants = [(f"baton (int4 GEMV at <= {INT4_MAX_TOKENS} tokens)", True, "auto"), ("baton (dense only)", False, "auto")] \
-        if has_int4 else [("baton", False, "auto")]
+    variants = [(f"baton (int4 GEMV at <= {INT4_MAX_TOKENS} tokens)", True, "auto"),
+                ("baton (dense only)", False, "auto")] if has_int4 else [("baton", False, "auto")]
     if model.dtype != torch.float32:
         variants.append((variants[0][0] + ", float32 KV cache", has_int4, "float32"))
     rows: dict[str, list] = {name: [] for name, _, _ in variants}
@@ -218,7 +218,8 @@ def render_perf(perf: dict) -> str:
                          f"{f('decode_scheduler_share', '{:.1%}')} |")
     ref = perf["llama_cpp_reference"]
     for b, v in ref["decode_bf16"].items():
-        lines.append(f"| llama.cpp BF16 (notes, not re-measured) | {b} | {ref['prefill_bf16']} | {v} | - | - | - | - | - |")
+        lines.append(f"| llama.cpp BF16 (notes, not re-measured) | {b} | {ref['prefill_bf16']} | {v} "
+                     "| - | - | - | - | - |")
     lines += ["", "| batch | baton e2e / HF generate | dense-only e2e / HF | baton e2e / HF with baton's GEMMs "
                   "| decode / GEMM ceiling (model's GEMM shapes) | decode / bf16 bandwidth floor | decode / llama.cpp |",
               "|---|---|---|---|---|---|---|"]

@@ -97,7 +97,9 @@ class RMSNorm(nn.Module):
         return F.rms_norm(x, self.weight.shape, self.weight, self.eps)
 
 
-INT4_MAX_TOKENS = 8  # at or below this many tokens the int4 GEMV beats the dense GEMM (measured in engine decode: batch 6 +10%, 8 +10-20%, 12 -5%)
+# At or below this many tokens the int4 GEMV beats the dense GEMM (engine decode on
+# this machine: batch 6 +10%, batch 8 +10-20%, batch 12 -5%).
+INT4_MAX_TOKENS = 8
 _int4_mm = getattr(torch, "_weight_int4pack_mm_for_cpu", None)
 _packed_linear = torch.ops.mkldnn._linear_pointwise if torch.backends.mkldnn.is_available() else None
 
