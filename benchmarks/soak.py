@@ -29,6 +29,17 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
+def slope_per_minute(samples: list[tuple[float, int]]) -> float:
+    """Least-squares slope of RSS (MiB per minute) over (seconds, bytes) samples."""
+    n = len(samples)
+    if n < 2:
+        return 0.0
+    mt = sum(t for t, _ in samples) / n
+    mr = sum(r for _, r in samples) / n
+    var = sum((t - mt) ** 2 for t, _ in samples)
+    return sum((t - mt) * (r - mr) for t, r in samples) / var * 60 / 2**20 if var else 0.0
+
+
 def main() -> int:
     ap = argparse.ArgumentParser()
     ap.add_argument("--minutes", type=float, default=10.0)
@@ -67,10 +78,12 @@ def main() -> int:
         server.terminate()
         server.wait(timeout=60)
         shutil.rmtree(round_dir, ignore_errors=True)
-    warm = [r for t, r in samples if t >= 60] or [r for _, r in samples]
+    warm_samples = [(t, r) for t, r in samples if t >= 60] or samples
+    warm = [r for _, r in warm_samples]
     result = {"minutes": args.minutes, "rounds": rounds, "requests": rounds * 32,
               "rss_after_warmup_mib": warm[0] / 2**20, "rss_end_mib": samples[-1][1] / 2**20,
-              "rss_max_after_warmup_mib": max(warm) / 2**20, "samples": samples}
+              "rss_min_after_warmup_mib": min(warm) / 2**20, "rss_max_after_warmup_mib": max(warm) / 2**20,
+              "rss_slope_after_warmup_mib_per_min": slope_per_minute(warm_samples), "samples": samples}
     (out / "soak.json").write_text(json.dumps(result, indent=1))
     import matplotlib
     matplotlib.use("Agg")
