@@ -210,13 +210,19 @@ class ShapedKV:
         width = min(self.width_cap, max(round_width(need), round_width(self.width * 5 // 4)))
         self._resize(self.rows, width, self.rows, self.width)
 
-    def shrink(self, live_rows: int, width: int, need: int) -> None:
+    def shrink(self, live_rows: int, width: int, need: int, tight: bool = False) -> None:
         """Give memory back when the batch has emptied out or its longest query has
         left: only when a dimension is over 4x (rows) or 2x (width) the need, so
         shrinking, like growing, is amortised. `width` is what the live queries will
-        need at their final lengths (the reservation), `need` what they hold now."""
-        rows = max(2 * live_rows, 1) if self.rows_cap > 4 * max(live_rows, 1) else self.rows_cap
-        width_cap = round_width(width) if self.width_cap > 2 * round_width(width) else self.width_cap
+        need at their final lengths (the reservation), `need` what they hold now.
+        `tight`: no query is waiting to join, so free rows and reserved columns
+        beyond the live queries' final lengths are given back at once."""
+        if tight:
+            rows = max(live_rows, 1)
+            width_cap = min(self.width_cap, round_width(width))
+        else:
+            rows = max(2 * live_rows, 1) if self.rows_cap > 4 * max(live_rows, 1) else self.rows_cap
+            width_cap = round_width(width) if self.width_cap > 2 * round_width(width) else self.width_cap
         alloc = min(round_width(need) if self.width > 2 * round_width(need) else self.width, width_cap)
         if (rows, alloc) != (self.rows, self.width):
             self._resize(rows, alloc, min(live_rows, rows), min(need, alloc))

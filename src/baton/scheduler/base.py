@@ -141,8 +141,9 @@ class ShapedBatch:
         seq.status = Status.RUNNING
         return row
 
-    def remove(self, seq: Sequence) -> None:
-        """Free a row by moving the last live row into it (one row copy)."""
+    def remove(self, seq: Sequence, tight: bool = False) -> None:
+        """Free a row by moving the last live row into it (one row copy). `tight`:
+        nothing is waiting to join, so the cache shrinks to the live rows."""
         row, last = seq.row, len(self.rows) - 1
         if row != last:
             moved = self.rows[last]
@@ -152,7 +153,7 @@ class ShapedBatch:
         self.rows.pop()
         seq.row = None
         if self.rows:
-            self.cache.shrink(len(self.rows), self.final_width(), max(s.num_cached for s in self.rows))
+            self.cache.shrink(len(self.rows), self.final_width(), max(s.num_cached for s in self.rows), tight)
         else:
             self.cache.release()
 

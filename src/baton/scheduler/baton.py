@@ -34,7 +34,11 @@ class BatonPolicy(Policy):
 
     def release(self, seq: Sequence) -> None:
         if seq.row is not None:
-            self.batch.remove(seq)
+            self.batch.remove(seq, tight=not self.joiners_pending())
+
+    def joiners_pending(self) -> bool:
+        """Whether a query may still take a row (if not, free rows are only waste)."""
+        return bool(self.waiting)
 
     def _admit_joiners(self) -> list[Sequence]:
         joiners, budget = [], self.max_prefill_tokens
@@ -106,6 +110,9 @@ class BatonPDPolicy(BatonPolicy):
 
     def live_tokens(self) -> int:
         return self.batch.live_tokens() + sum(s.num_cached for s in self.pool)
+
+    def joiners_pending(self) -> bool:
+        return bool(self.waiting or self.pool)
 
     def release(self, seq: Sequence) -> None:
         if seq in self.pool:
