@@ -156,9 +156,10 @@ def test_rows_shrink_when_the_batch_empties_out():
     assert seqs[15].row == 0
 
 
-def test_tight_shrink_keeps_only_live_rows_and_their_data():
-    """With nothing waiting to join, a departure gives back every free row and the
-    columns beyond the live queries' final lengths; the live rows keep their KV."""
+def test_fit_to_live_rows_gives_back_free_rows_and_columns_keeping_data():
+    """With nothing waiting to join, free rows go once they are half the rows, and
+    columns reserved beyond the live queries' final lengths go at once; the live
+    rows keep their KV."""
     budget = KVBudget(1 << 26)
     batch = ShapedBatch(CFG, torch.float32, "cpu", budget, max_rows=16)
     seqs = [seq(10, 10), seq(20, 100), seq(12, 10)] + [seq(10, 10) for _ in range(5)]
@@ -168,18 +169,22 @@ def test_tight_shrink_keeps_only_live_rows_and_their_data():
     for r, s in enumerate(seqs):
         fill_row(batch.cache, r, s.num_cached, float(r + 1))
     assert batch.cache.rows_cap == 8
-    batch.remove(seqs[7])  # something may still join: rows kept
+    for s in seqs[3:]:
+        batch.remove(s)  # while something may still join, rows are kept
     assert batch.cache.rows_cap == 8
-    for s in seqs[3:7]:
-        batch.remove(s, tight=True)
+    batch.fit_to_live_rows()
     assert batch.cache.rows == batch.cache.rows_cap == 3
     assert [s.row for s in seqs[:3]] == [0, 1, 2]
     assert all(row_equals(batch.cache, r, s.num_cached, float(r + 1)) for r, s in enumerate(seqs[:3]))
-    batch.remove(seqs[1], tight=True)  # the longest query leaves: its reserved columns go too
-    assert batch.cache.rows == batch.cache.rows_cap == 2
-    assert batch.cache.width_cap == WIDTH_ALIGN
-    assert budget.used == batch.cache.bytes_for(2, WIDTH_ALIGN)
-    assert row_equals(batch.cache, 0, 10, 1.0) and row_equals(batch.cache, 1, 12, 3.0)
+    batch.remove(seqs[1])
+    batch.fit_to_live_rows()  # the longest query has left: its reserved columns go
+    assert batch.cache.rows_cap == 3 and batch.cache.width_cap == WIDTH_ALIGN  # 1 free row of 3: kept
+    assert budget.used == batch.cache.bytes_for(3, WIDTH_ALIGN)
+    batch.remove(seqs[2])
+    batch.fit_to_live_rows()
+    assert batch.cache.rows == batch.cache.rows_cap == 1
+    assert budget.used == batch.cache.bytes_for(1, WIDTH_ALIGN)
+    assert row_equals(batch.cache, 0, 10, 1.0)
 
 
 def test_columns_are_allocated_as_queries_lengthen():

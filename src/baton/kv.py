@@ -215,10 +215,11 @@ class ShapedKV:
         left: only when a dimension is over 4x (rows) or 2x (width) the need, so
         shrinking, like growing, is amortised. `width` is what the live queries will
         need at their final lengths (the reservation), `need` what they hold now.
-        `tight`: no query is waiting to join, so free rows and reserved columns
-        beyond the live queries' final lengths are given back at once."""
+        `tight`: no query is waiting to join, so the reserved columns beyond the live
+        queries' final lengths are given back, and the free rows once they are half
+        the rows (a draining batch is copied log2(rows) times, not once per exit)."""
         if tight:
-            rows = max(live_rows, 1)
+            rows = max(live_rows, 1) if self.rows_cap >= 2 * max(live_rows, 1) else self.rows_cap
             width_cap = min(self.width_cap, round_width(width))
         else:
             rows = max(2 * live_rows, 1) if self.rows_cap > 4 * max(live_rows, 1) else self.rows_cap

@@ -141,9 +141,8 @@ class ShapedBatch:
         seq.status = Status.RUNNING
         return row
 
-    def remove(self, seq: Sequence, tight: bool = False) -> None:
-        """Free a row by moving the last live row into it (one row copy). `tight`:
-        nothing is waiting to join, so the cache shrinks to the live rows."""
+    def remove(self, seq: Sequence) -> None:
+        """Free a row by moving the last live row into it (one row copy)."""
         row, last = seq.row, len(self.rows) - 1
         if row != last:
             moved = self.rows[last]
@@ -153,9 +152,16 @@ class ShapedBatch:
         self.rows.pop()
         seq.row = None
         if self.rows:
-            self.cache.shrink(len(self.rows), self.final_width(), max(s.num_cached for s in self.rows), tight)
+            self.cache.shrink(len(self.rows), self.final_width(), max(s.num_cached for s in self.rows))
         else:
             self.cache.release()
+
+    def fit_to_live_rows(self) -> None:
+        """For when no query can join: give back the free rows and the columns
+        reserved beyond the live queries' final lengths. Called once per iteration,
+        so rows that leave together cost one copy, not one each."""
+        if self.rows:
+            self.cache.shrink(len(self.rows), self.final_width(), max(s.num_cached for s in self.rows), tight=True)
 
     def segment(self, tokens: list[list[int]], want_logits: list[bool]) -> Segment:
         """This iteration's segment over all live rows (the columns it needs are

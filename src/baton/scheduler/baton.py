@@ -34,7 +34,7 @@ class BatonPolicy(Policy):
 
     def release(self, seq: Sequence) -> None:
         if seq.row is not None:
-            self.batch.remove(seq, tight=not self.joiners_pending())
+            self.batch.remove(seq)
 
     def joiners_pending(self) -> bool:
         """Whether a query may still take a row (if not, free rows are only waste)."""
@@ -56,6 +56,8 @@ class BatonPolicy(Policy):
 
     def step(self) -> StepResult:
         self._admit_joiners()
+        if not self.joiners_pending():
+            self.batch.fit_to_live_rows()
         if not len(self.batch):
             return StepResult([], None)
         # Every row feeds what it has not cached: the last sampled token, or its
@@ -241,6 +243,8 @@ class BatonPDPolicy(BatonPolicy):
         are read once (each segment attends over its own cache, nothing padded to
         another). The decode rows stay one token each."""
         self._embed_ready()
+        if not self.joiners_pending():
+            self.batch.fit_to_live_rows()
         segments, owners = [], []
         decode = [s.uncached_tokens() for s in self.batch.rows]  # one token per row
         if decode:
