@@ -244,6 +244,7 @@ def cmd_perf(args) -> int:
     import json
     from pathlib import Path
 
+    from . import plots
     from .hf_baselines import load_hf_model, prepack_linears
     from .report import machine_info
     from .throughput import load_for_bench
@@ -263,7 +264,9 @@ def cmd_perf(args) -> int:
     out.mkdir(parents=True, exist_ok=True)
     (out / "perf.json").write_text(json.dumps(perf, indent=2, default=str))
     text = render_perf(perf)
-    (out / "report.md").write_text(f"# Decode and prefill speed\n\nMachine: {perf['machine']}\n\n{text}\n")
+    plots.perf_bars(perf, out / "perf.png")
+    (out / "report.md").write_text(f"# Decode and prefill speed\n\nMachine: {perf['machine']}\n\n![speed](perf.png)\n\n"
+                                   f"{text}\n")
     print(text)
     return 0
 

@@ -88,3 +88,40 @@ def table2_plot(rows: Sequence[dict], path: Path, title: str = "") -> Path:
     fig.savefig(path, dpi=110)
     plt.close(fig)
     return path
+
+
+def perf_bars(perf: dict, path: Path) -> Path:
+    """Decode speed per batch: end-to-end output tok/s of baton against HF `generate`
+    (left), decode-only tok/s against llama.cpp's figures from the notes (right)."""
+    rows, batches = perf["rows"], [r["batch"] for r in next(iter(perf["rows"].values()))]
+    baton_name = next(iter(rows))
+    fig, (left, right) = plt.subplots(1, 2, figsize=(10, 3.8))
+    x = range(len(batches))
+
+    def group(ax, series, ylabel, title):
+        w = 0.8 / len(series)
+        for i, (label, vals, color) in enumerate(series):
+            bars = ax.bar([j + (i - (len(series) - 1) / 2) * w for j in x], vals, w, label=label, color=color)
+            for b, v in zip(bars, vals):
+                ax.annotate(f"{v:.0f}", (b.get_x() + b.get_width() / 2, v), ha="center", va="bottom", fontsize=7)
+        ax.set_xticks(list(x), [f"batch {b}" for b in batches])
+        ax.set_ylabel(ylabel)
+        ax.set_title(title, fontsize=9)
+        ax.grid(axis="y", alpha=0.3)
+        ax.legend(fontsize=7)
+
+    e2e = [(baton_name, [r["e2e_output_tok_s"] for r in rows[baton_name]], COLORS["baton-pd"])]
+    for name, color in (("HF transformers generate", COLORS["hf-generate"]),
+                        ("HF transformers generate, linears prepacked as baton's", "#c5b0d5")):
+        if name in rows:
+            e2e.append((name, [r["e2e_output_tok_s"] for r in rows[name]], color))
+    group(left, e2e, "end-to-end output tok/s", "baton vs HF transformers, same requests")
+    ref = perf["llama_cpp_reference"]["decode_bf16"]
+    decode = [(baton_name, [r["decode_tok_s"] for r in rows[baton_name]], COLORS["baton-pd"])]
+    if all(str(b) in ref or b in ref for b in batches):
+        decode.append(("llama.cpp BF16 (notes)", [ref.get(b, ref.get(str(b))) for b in batches], "#7f7f7f"))
+    group(right, decode, "decode-only tok/s", "decode speed vs llama.cpp")
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+    return path
