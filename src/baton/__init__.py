@@ -6,7 +6,7 @@ import os as _os
 # shapes (rows x width) keep appearing for minutes under mixed lengths, and native
 # heap in use grew ~4 MiB per 32 requests until both caches filled (RSS still rising
 # after 5 minutes of serving). 64 entries hold a step's working set; re-creating an
-# evicted primitive costs ~0.4 ms (~50 ms per 32 mixed requests). Read when oneDNN
+# evicted primitive costs ~0.4 ms (~55 ms per 32 mixed requests). Read when oneDNN
 # is first used, so this must run before any model does.
 for _name in ("ONEDNN_PRIMITIVE_CACHE_CAPACITY", "LRU_CACHE_CAPACITY"):
     _os.environ.setdefault(_name, "64")

@@ -2,7 +2,7 @@
 per-request caches the Orca baseline reserves.
 
 Layout choice (vector shaping with per-row write positions): the batch cache is one
-tensor per K and V, [layers, rows, kv_heads, width, head_dim]. Row r holds its
+tensor per layer for K and one for V, [rows, kv_heads, width, head_dim]. Row r holds its
 query's tokens in columns 0..len_r-1, so a token's column equals its position and
 nothing ever moves when a longer or shorter query joins: the joining row is simply
 written from column 0 and the attention mask hides columns >= len_r (right
@@ -11,7 +11,8 @@ the longest live query, never the batch's age, and no compaction of columns is
 needed. Live rows are kept packed in rows 0..n-1: when a row leaves, the last live
 row is moved into its place (one row copy per departure, not per step), so every
 step computes over a contiguous slice. Capacity grows geometrically and shrinks
-when the longest query leaves, so reallocation is amortised, never per step.
+when the longest query leaves, or to the live rows when no query waits to join, so
+reallocation is amortised, never per step.
 """
 from __future__ import annotations
 

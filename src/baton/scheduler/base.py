@@ -157,9 +157,9 @@ class ShapedBatch:
             self.cache.release()
 
     def fit_to_live_rows(self) -> None:
-        """For when no query can join: give back the free rows and the columns
-        reserved beyond the live queries' final lengths. Called once per iteration,
-        so rows that leave together cost one copy, not one each."""
+        """For when no query can join: give back the columns reserved beyond the
+        live queries' final lengths, and the free rows once half the rows are free.
+        Called once per iteration, so rows that leave together cost one copy."""
         if self.rows:
             self.cache.shrink(len(self.rows), self.final_width(), max(s.num_cached for s in self.rows), tight=True)
 
