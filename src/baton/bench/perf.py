@@ -264,7 +264,7 @@ def cmd_perf(args) -> int:
     out.mkdir(parents=True, exist_ok=True)
     (out / "perf.json").write_text(json.dumps(perf, indent=2, default=str))
     text = render_perf(perf)
-    plots.perf_bars(perf, out / "perf.png")
+    plots.perf_bars(perf, out / "perf.png", [HF_SHIPPED, HF_SAME_KERNELS])
     (out / "report.md").write_text(f"# Decode and prefill speed\n\nMachine: {perf['machine']}\n\n![speed](perf.png)\n\n"
                                    f"{text}\n")
     print(text)

@@ -90,9 +90,10 @@ def table2_plot(rows: Sequence[dict], path: Path, title: str = "") -> Path:
     return path
 
 
-def perf_bars(perf: dict, path: Path) -> Path:
-    """Decode speed per batch: end-to-end output tok/s of baton against HF `generate`
-    (left), decode-only tok/s against llama.cpp's figures from the notes (right)."""
+def perf_bars(perf: dict, path: Path, baselines: Sequence[str]) -> Path:
+    """Decode speed per batch: end-to-end output tok/s of baton against the
+    `baselines` rows of perf["rows"] (left), decode-only tok/s against llama.cpp's
+    figures from the notes (right)."""
     rows, batches = perf["rows"], [r["batch"] for r in next(iter(perf["rows"].values()))]
     baton_name = next(iter(rows))
     fig, (left, right) = plt.subplots(1, 2, figsize=(10, 3.8))
@@ -111,15 +112,13 @@ def perf_bars(perf: dict, path: Path) -> Path:
         ax.legend(fontsize=7)
 
     e2e = [(baton_name, [r["e2e_output_tok_s"] for r in rows[baton_name]], COLORS["baton-pd"])]
-    for name, color in (("HF transformers generate", COLORS["hf-generate"]),
-                        ("HF transformers generate, linears prepacked as baton's", "#c5b0d5")):
-        if name in rows:
-            e2e.append((name, [r["e2e_output_tok_s"] for r in rows[name]], color))
+    e2e += [(name, [r["e2e_output_tok_s"] for r in rows[name]], color)
+            for name, color in zip(baselines, (COLORS["hf-generate"], "#c5b0d5")) if name in rows]
     group(left, e2e, "end-to-end output tok/s", "baton vs HF transformers, same requests")
     ref = perf["llama_cpp_reference"]["decode_bf16"]
     decode = [(baton_name, [r["decode_tok_s"] for r in rows[baton_name]], COLORS["baton-pd"])]
-    if all(str(b) in ref or b in ref for b in batches):
-        decode.append(("llama.cpp BF16 (notes)", [ref.get(b, ref.get(str(b))) for b in batches], "#7f7f7f"))
+    if all(b in ref for b in batches):
+        decode.append(("llama.cpp BF16 (notes)", [ref[b] for b in batches], "#7f7f7f"))
     group(right, decode, "decode-only tok/s", "decode speed vs llama.cpp")
     fig.tight_layout()
     fig.savefig(path, dpi=110)

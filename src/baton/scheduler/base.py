@@ -152,7 +152,7 @@ class ShapedBatch:
         self.rows.pop()
         seq.row = None
         if self.rows:
-            self.cache.shrink(len(self.rows), self.final_width(), max(s.num_cached for s in self.rows))
+            self._shrink()
         else:
             self.cache.release()
 
@@ -161,7 +161,10 @@ class ShapedBatch:
         live queries' final lengths, and the free rows once half the rows are free.
         Called once per iteration, so rows that leave together cost one copy."""
         if self.rows:
-            self.cache.shrink(len(self.rows), self.final_width(), max(s.num_cached for s in self.rows), tight=True)
+            self._shrink(tight=True)
+
+    def _shrink(self, tight: bool = False) -> None:
+        self.cache.shrink(len(self.rows), self.final_width(), max(s.num_cached for s in self.rows), tight)
 
     def segment(self, tokens: list[list[int]], want_logits: list[bool]) -> Segment:
         """This iteration's segment over all live rows (the columns it needs are
