@@ -104,10 +104,30 @@ _int4_mm = getattr(torch, "_weight_int4pack_mm_for_cpu", None)
 _packed_linear = torch.ops.mkldnn._linear_pointwise if torch.backends.mkldnn.is_available() else None
 
 
+_packable: dict[torch.dtype, bool] = {}
+
+
+def _cpu_can_pack(dtype: torch.dtype) -> bool:
+    """Whether oneDNN's prepacked GEMM runs on this CPU for `dtype`: its bf16 path
+    needs AVX-512 (BW/VL/DQ) or AVX-NE-CONVERT and raises elsewhere (seen on an AVX2
+    Zen 3 host), so probe once with a tiny weight instead of parsing CPU flags."""
+    if dtype not in _packable:
+        try:
+            w = torch.ops.mkldnn._reorder_linear_weight(torch.zeros(16, 16, dtype=dtype), 1)
+            _packed_linear(torch.zeros(1, 16, dtype=dtype), w, None, "none", [], "")
+            _packable[dtype] = True
+        except RuntimeError:
+            _packable[dtype] = False
+    return _packable[dtype]
+
+
 def pack_linear_weight(w: torch.Tensor, batch_hint: int = 32) -> Optional[torch.Tensor]:
     """`w` ([out, in]) reordered into oneDNN's blocked layout for `packed_linear`,
-    or None where that GEMM does not apply (not CPU, not bf16/fp32, no oneDNN)."""
+    or None where that GEMM does not apply (not CPU, not bf16/fp32, no oneDNN, or
+    a CPU whose oneDNN lacks the dtype's kernel)."""
     if _packed_linear is None or w.device.type != "cpu" or w.dtype not in (torch.bfloat16, torch.float32):
+        return None
+    if not _cpu_can_pack(w.dtype):
         return None
     return torch.ops.mkldnn._reorder_linear_weight(w.detach(), batch_hint)
 
