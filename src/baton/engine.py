@@ -2,9 +2,16 @@
 
     batch = policy.step()           # schedule + one model iteration
     return self._postprocess(batch)  # sample, stop checks, detokenize, free rows
+
+Faults stay with their owner: a row that cannot be sampled or detokenized fails
+its own request (finish_reason "error") and the batch goes on; an error the
+engine cannot attribute (a failed forward) fails every request in flight and
+leaves a fresh, empty scheduler and KV budget, so the next request is served as
+by a new engine.
 """
 from __future__ import annotations
 
+import logging
 import threading
 import time
 from dataclasses import dataclass, field
@@ -13,12 +20,15 @@ from typing import Callable, Optional, Sequence as Seq, Union
 import psutil
 import torch
 
+from .errors import InvalidRequest, check_unicode
 from .kv import KVBudget, resolve_kv_dtype
 from .models.loader import load_model
 from .sampling import SamplingParams, sample
 from .scheduler import POLICIES
 from .sequence import Sequence, Status
 from .tokenizer import IncrementalDetokenizer, Tokenizer, load_tokenizer
+
+log = logging.getLogger("baton.engine")
 
 
 @dataclass
@@ -39,6 +49,7 @@ class RequestOutput:
     new_text: str = ""
     new_token_ids: list[int] = field(default_factory=list)
     metrics: Optional[dict] = None
+    error: Optional[str] = None  # set when the request failed (finish_reason "error")
 
 
 @dataclass
@@ -72,6 +83,16 @@ class EngineConfig:
         resolve_kv_dtype(self.kv_cache_dtype, torch.float32)  # raises on a bad name
         if not (0 < self.kv_cache_fraction <= 1):
             raise ValueError(f"kv_cache_fraction must be in (0, 1]; got {self.kv_cache_fraction}")
+
+
+def resolve_max_model_len(requested: Optional[int], model_max: int) -> int:
+    """The context length to serve: the model's, or a shorter one asked for."""
+    if requested is None:
+        return model_max
+    if isinstance(requested, bool) or not isinstance(requested, int) or not 1 <= requested <= model_max:
+        raise InvalidRequest("max_model_len", f"max_model_len must be an integer in [1, {model_max}] (the "
+                                              f"model's max_position_embeddings); got {requested!r}")
+    return requested
 
 
 class TimedModel:
@@ -110,17 +131,14 @@ class LLMEngine:
             model, _ = load_model(path, config.dtype, config.device)
             tokenizer = tokenizer or load_tokenizer(path, model.cfg.eos_token_ids)
         self.model, self.cfg, self.tokenizer = model, model.cfg, tokenizer
-        self.max_model_len = min(config.max_model_len or self.cfg.max_position_embeddings,
-                                 self.cfg.max_position_embeddings)
+        self.max_model_len = resolve_max_model_len(config.max_model_len, self.cfg.max_position_embeddings)
+        # No prompt longer than this many characters can fit the context: refused
+        # before it is tokenized (tokenizing 8 MB of text took seconds).
+        self.max_prompt_chars = self.max_model_len * (tokenizer.max_token_chars if tokenizer else 1)
         budget = config.kv_cache_bytes or int(psutil.virtual_memory().available * config.kv_cache_fraction)
         self.budget = KVBudget(budget)
-        kwargs = dict(max_num_seqs=config.max_num_seqs, max_prefill_tokens=config.max_prefill_tokens,
-                      record_timeline=config.record_timeline,
-                      kv_dtype=resolve_kv_dtype(config.kv_cache_dtype, model.dtype))
-        if config.policy == "baton-pd":
-            kwargs.update(pool_size=config.pool_size, max_preemptions=config.max_preemptions)
         self.timed_model = TimedModel(model)
-        self.policy = POLICIES[config.policy](self.timed_model, self.cfg, self.budget, **kwargs)
+        self.policy = self._make_policy()
         self.requests: dict[str, Sequence] = {}
         self.detoks: dict[str, IncrementalDetokenizer] = {}
         self.logprobs: dict[str, list] = {}
@@ -130,34 +148,66 @@ class LLMEngine:
         self.step_seconds = 0.0  # wall time in step(); timed_model.seconds of it in forwards
         self.sample_seconds = 0.0  # of it in the sampler
 
+    def _make_policy(self):
+        config = self.config
+        kwargs = dict(max_num_seqs=config.max_num_seqs, max_prefill_tokens=config.max_prefill_tokens,
+                      record_timeline=config.record_timeline,
+                      kv_dtype=resolve_kv_dtype(config.kv_cache_dtype, self.model.dtype))
+        if config.policy == "baton-pd":
+            kwargs.update(pool_size=config.pool_size, max_preemptions=config.max_preemptions)
+        return POLICIES[config.policy](self.timed_model, self.cfg, self.budget, **kwargs)
+
     # ------------------------------------------------------------ requests
+    @property
+    def max_request_len(self) -> int:
+        """Longest prompt + max_tokens a request may have: the context, or less
+        where the KV budget could not hold a query that long."""
+        return min(self.max_model_len, self.policy.max_len_that_fits())
+
+    def check_prompt_chars(self, num_chars: int, param: str = "prompt") -> None:
+        if num_chars > self.max_prompt_chars:
+            raise InvalidRequest(param, f"{param} is {num_chars} characters long: no text longer than "
+                                        f"{self.max_prompt_chars} characters fits the context length of "
+                                        f"{self.max_model_len} tokens")
+
     def encode_prompt(self, prompt: Union[str, Seq[int]]) -> list[int]:
         if isinstance(prompt, str):
             if not prompt:
-                raise ValueError("prompt must not be empty")
+                raise InvalidRequest("prompt", "prompt must not be empty")
             if self.tokenizer is None:
-                raise ValueError("this engine has no tokenizer: pass the prompt as token ids")
+                raise InvalidRequest("prompt", "prompt must be token ids: this engine has no tokenizer")
+            self.check_prompt_chars(len(prompt))
+            check_unicode(prompt, "prompt")
             return self.tokenizer.encode(prompt)
         ids = list(prompt)
         if not ids:
-            raise ValueError("prompt must not be empty")
+            raise InvalidRequest("prompt", "prompt must not be empty")
+        if len(ids) > self.max_model_len:
+            raise InvalidRequest("prompt", f"prompt ({len(ids)} tokens) is longer than the model's context "
+                                           f"length of {self.max_model_len} tokens")
         if any(not isinstance(t, int) or isinstance(t, bool) or not 0 <= t < self.cfg.vocab_size for t in ids):
-            raise ValueError(f"prompt token ids must be integers in [0, {self.cfg.vocab_size})")
+            raise InvalidRequest("prompt", f"prompt token ids must be integers in [0, {self.cfg.vocab_size})")
         return ids
+
+    def check_length(self, prompt_len: int, max_tokens: int) -> None:
+        """Raise, naming the field to change, if the request cannot fit the context
+        (or the KV budget): the prompt when no max_tokens could, else max_tokens."""
+        limit = self.max_request_len
+        what = (f"the model's context length of {self.max_model_len} tokens" if limit == self.max_model_len
+                else f"the KV cache budget ({limit} tokens)")
+        if prompt_len >= limit:
+            raise InvalidRequest("prompt", f"prompt ({prompt_len} tokens) leaves no room to generate within {what}")
+        if prompt_len + max_tokens > limit:
+            raise InvalidRequest("max_tokens", f"max_tokens must be at most {limit - prompt_len} for this prompt: "
+                                               f"prompt ({prompt_len} tokens) + max_tokens ({max_tokens}) = "
+                                               f"{prompt_len + max_tokens} exceeds {what}")
 
     def add_request(self, request_id: str, prompt: Union[str, Seq[int]], params: Optional[SamplingParams] = None,
                     arrival_time: Optional[float] = None) -> Sequence:
         params = params or SamplingParams()
         params.validate()
         ids = self.encode_prompt(prompt)
-        total = len(ids) + params.max_tokens
-        if total > self.max_model_len:
-            raise ValueError(
-                f"prompt ({len(ids)} tokens) + max_tokens ({params.max_tokens}) = {total} exceeds the "
-                f"model's context length of {self.max_model_len} tokens")
-        if total > self.policy.max_len_that_fits():
-            raise ValueError(f"prompt + max_tokens = {total} tokens cannot fit the KV cache budget "
-                             f"({self.policy.max_len_that_fits()} tokens)")
+        self.check_length(len(ids), params.max_tokens)
         seq = Sequence(request_id, ids, params, arrival_time=arrival_time or time.monotonic())
         with self.lock:
             if request_id in self.requests:
@@ -177,15 +227,37 @@ class LLMEngine:
             return self._output(seq, "", [])
 
     def has_unfinished_requests(self) -> bool:
-        return bool(self.requests)
+        """Whether step() has work: a known request, or anything the scheduler
+        still holds (so a loop that sleeps on this never sleeps with work in it)."""
+        return bool(self.requests) or self.policy.has_work()
 
     # ------------------------------------------------------------ the loop
     def step(self) -> list[RequestOutput]:
         with self.lock:
             t0 = time.perf_counter()
-            batch = self.policy.step()
-            outputs = self._postprocess(batch)
+            try:
+                outputs = self._postprocess(self.policy.step())
+            except Exception as e:  # not attributable to one request: fail all, start clean
+                log.exception("engine step failed; failing every request in flight")
+                outputs = self.fail_all(f"engine error: {type(e).__name__}: {e}")
             self.step_seconds += time.perf_counter() - t0
+            return outputs
+
+    def fail_all(self, message: str) -> list[RequestOutput]:
+        """End every request with `message` (finish_reason "error") and replace the
+        scheduler and its KV with fresh ones, whatever state a failure left them in.
+        Returns the requests' final outputs."""
+        with self.lock:
+            outputs = []
+            for seq in list(self.requests.values()):
+                seq.error = message
+                seq.finish_reason, seq.status, seq.finish_time = "error", Status.FINISHED, time.monotonic()
+                self._emit("finished", seq)
+                outputs.append(self._output(seq, "", []))
+            stats = self.policy.stats
+            self.budget.reset()
+            self.policy = self._make_policy()
+            self.policy.stats = stats  # lifetime counters (iterations, preemptions) carry on
             return outputs
 
     def _postprocess(self, batch) -> list[RequestOutput]:
@@ -198,15 +270,16 @@ class LLMEngine:
         now = time.monotonic()
         deltas, finished = [], []
         for seq, tok in zip(batch.seqs, tokens):
-            seq.output_ids.append(tok.token_id)
-            if seq.first_token_time is None:
-                seq.first_token_time = now
-            if tok.logprob is not None:
-                self.logprobs.setdefault(seq.request_id, []).append((tok.token_id, tok.logprob, tok.top_logprobs))
-            delta = self._detokenize(seq, tok.token_id)
-            reason = self._check_stop(seq, tok.token_id)
+            delta, reason = "", None
+            if tok.error is None:
+                try:
+                    delta, reason = self._append_token(seq, tok, now)
+                except Exception as e:  # e.g. the detokenizer on this request's tokens
+                    log.exception("request %s failed after sampling", seq.request_id)
+                    tok.error = f"{type(e).__name__}: {e}"
+            if tok.error is not None:
+                seq.error, reason = tok.error, "error"
             if reason:
-                delta = self._trim_stop(seq, delta) if reason == "stop" else delta
                 finished.append((seq, reason))
             deltas.append(delta)
         # Leaving rows go last row first: a freed row is refilled by moving the batch's
@@ -215,9 +288,22 @@ class LLMEngine:
             self._finish(seq, reason)
         outputs = []
         for seq, tok, delta in zip(batch.seqs, tokens, deltas):
-            outputs.append(self._output(seq, delta, [tok.token_id]))
+            outputs.append(self._output(seq, delta, [] if tok.error else [tok.token_id]))
             self._emit("token", seq)
         return outputs
+
+    def _append_token(self, seq: Sequence, tok, now: float) -> tuple[str, Optional[str]]:
+        """Add a sampled token to its query: returns (text delta, finish reason or None)."""
+        seq.output_ids.append(tok.token_id)
+        if seq.first_token_time is None:
+            seq.first_token_time = now
+        if tok.logprob is not None:
+            self.logprobs.setdefault(seq.request_id, []).append((tok.token_id, tok.logprob, tok.top_logprobs))
+        delta = self._detokenize(seq, tok.token_id)
+        reason = self._check_stop(seq, tok.token_id)
+        if reason == "stop":
+            delta = self._trim_stop(seq, delta)
+        return delta, reason
 
     def _detokenize(self, seq: Sequence, token_id: int) -> str:
         detok = self.detoks.get(seq.request_id)
@@ -255,7 +341,7 @@ class LLMEngine:
         seq.finish_reason = reason
         seq.status = Status.FINISHED
         seq.finish_time = time.monotonic()
-        self.policy.abort(seq) if reason == "abort" else self.policy.release(seq)
+        self.policy.release(seq)
         self._emit("finished", seq)
 
     def _output(self, seq: Sequence, delta: str, new_ids: list[int]) -> RequestOutput:
@@ -266,7 +352,7 @@ class LLMEngine:
             seq.request_id, seq.prompt_ids,
             [CompletionOutput(0, text, list(seq.output_ids), seq.finish_reason,
                               self.logprobs.get(seq.request_id))],
-            finished, delta, new_ids)
+            finished, delta, new_ids, error=seq.error)
         if finished:
             out.metrics = {"arrival_time": seq.arrival_time, "first_token_time": seq.first_token_time,
                            "finish_time": seq.finish_time, "num_preemptions": seq.num_preemptions}

@@ -71,6 +71,12 @@ class KVBudget:
         self.copy_seconds = 0.0  # wall time the caches spent allocating and copying KV
         self.copying = False
 
+    def reset(self) -> None:
+        """Nothing held any more: every cache charged to this budget was dropped
+        (the engine replaced its scheduler). Peaks and timings are kept."""
+        self.used = self.resident = 0
+        self.copying = False
+
     def fits(self, extra: int) -> bool:
         return self.used + extra <= self.limit
 

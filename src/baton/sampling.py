@@ -5,10 +5,13 @@ query's samples do not depend on which other queries share the batch.
 """
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass, field
 from typing import Optional, Union
 
 import torch
+
+from .errors import InvalidRequest
 
 
 @dataclass
@@ -36,25 +39,33 @@ class SamplingParams:
 
     def validate(self) -> None:
         def bad(name, allowed, value):
-            raise ValueError(f"{name} must be {allowed}; got {value!r}")
+            raise InvalidRequest(name, f"{name} must be {allowed}; got {value!r}")
 
-        if not isinstance(self.max_tokens, int) or isinstance(self.max_tokens, bool) or self.max_tokens < 1:
+        def is_int(v) -> bool:
+            return isinstance(v, int) and not isinstance(v, bool)
+
+        if not is_int(self.max_tokens) or self.max_tokens < 1:
             bad("max_tokens", "an integer >= 1", self.max_tokens)
-        if not (self.temperature >= 0) or self.temperature != self.temperature:
-            bad("temperature", ">= 0", self.temperature)
-        if not (0 < self.top_p <= 1):
+        if not _is_number(self.temperature) or not 0 <= self.temperature < math.inf:
+            bad("temperature", "a finite number >= 0", self.temperature)
+        if not _is_number(self.top_p) or not 0 < self.top_p <= 1:
             bad("top_p", "in (0, 1]", self.top_p)
-        if not isinstance(self.top_k, int) or self.top_k < -1:
+        if not is_int(self.top_k) or self.top_k < -1:
             bad("top_k", "-1, 0 (off) or a positive integer", self.top_k)
-        if not (0 <= self.min_p <= 1):
+        if not _is_number(self.min_p) or not 0 <= self.min_p <= 1:
             bad("min_p", "in [0, 1]", self.min_p)
-        if self.logprobs is not None and not (0 <= self.logprobs <= self.MAX_LOGPROBS):
+        if self.logprobs is not None and (not is_int(self.logprobs) or not 0 <= self.logprobs <= self.MAX_LOGPROBS):
             bad("logprobs", f"an integer in [0, {self.MAX_LOGPROBS}]", self.logprobs)
-        if self.seed is not None and not isinstance(self.seed, int):
-            bad("seed", "an integer", self.seed)
+        # The range torch.Generator.manual_seed takes (int64 and uint64 values).
+        if self.seed is not None and (not is_int(self.seed) or not -2**63 <= self.seed < 2**64):
+            bad("seed", "an integer in [-2**63, 2**64 - 1]", self.seed)
         if any(not isinstance(s, str) or not s for s in self.stop):
             bad("stop", "a non-empty string or a list of them", self.stop)
-        if not isinstance(self.priority, int):
+        if any(not is_int(t) for t in self.stop_token_ids):
+            bad("stop_token_ids", "a list of integers", self.stop_token_ids)
+        if not isinstance(self.ignore_eos, bool):
+            bad("ignore_eos", "true or false", self.ignore_eos)
+        if not is_int(self.priority):
             bad("priority", "an integer", self.priority)
 
     @property
@@ -62,15 +73,38 @@ class SamplingParams:
         return self.temperature == 0.0
 
 
+def _is_number(v) -> bool:
+    return isinstance(v, (int, float)) and not isinstance(v, bool)
+
+
 @dataclass
 class SampledToken:
     token_id: int
     logprob: Optional[float] = None
     top_logprobs: Optional[list[tuple[int, float]]] = None
+    error: Optional[str] = None  # this row could not be sampled; token_id is meaningless
+
+
+# Below this temperature a float32 division by it can turn 0 into 0/0 (it rounds
+# to a subnormal or to zero): such rows are scaled in float64 instead.
+_FLOAT32_SAFE_TEMPERATURE = torch.finfo(torch.float32).tiny
+
+
+def _scaled_logits(row: torch.Tensor, temperature: float) -> torch.Tensor:
+    """row / temperature, as a distribution: softmax(l / T) == softmax((l - max) / T),
+    and with the max subtracted first every scaled logit is <= 0 and the top one is
+    exactly 0, so no temperature > 0 gives inf - inf or 0 / 0. A temperature that
+    underflows therefore samples the top token with probability 1 (greedy, up to
+    exact ties), as its limit does, instead of producing NaN probabilities."""
+    row = row - row.max()
+    if temperature >= _FLOAT32_SAFE_TEMPERATURE:
+        return row / temperature
+    return (row.double() / temperature).float()
 
 
 def _filter_logits(logits: torch.Tensor, p: SamplingParams) -> torch.Tensor:
-    """logits [V] (float32, already divided by temperature) -> logits with -inf outside the kept set."""
+    """logits [V] (float32, scaled by _scaled_logits) -> logits with -inf outside the
+    kept set. Every filter keeps the most likely token, so the kept set is never empty."""
     if p.top_k and p.top_k > 0 and p.top_k < logits.shape[-1]:
         kth = torch.topk(logits, p.top_k).values[-1]
         logits = logits.masked_fill(logits < kth, float("-inf"))
@@ -81,8 +115,15 @@ def _filter_logits(logits: torch.Tensor, p: SamplingParams) -> torch.Tensor:
         sorted_logits, order = torch.sort(logits, descending=True)
         probs = sorted_logits.softmax(-1)
         drop = probs.cumsum(-1) - probs >= p.top_p  # keep the token that crosses top_p
+        # A top_p below float32's resolution compares as 0 and would drop every token.
+        drop[0] = False
         logits = logits.masked_fill(torch.zeros_like(drop).scatter(0, order, drop), float("-inf"))
     return logits
+
+
+def _sample_row(logits: torch.Tensor, p: SamplingParams, generator: Optional[torch.Generator]) -> int:
+    row = _filter_logits(_scaled_logits(logits, p.temperature), p)
+    return int(torch.multinomial(row.softmax(-1), 1, generator=generator).item())
 
 
 ARGMAX_BLOCK = 128
@@ -106,7 +147,8 @@ def greedy_argmax(logits: torch.Tensor) -> torch.Tensor:
 def sample(logits: torch.Tensor, params: list[SamplingParams], generators: list[Optional[torch.Generator]]) -> list[SampledToken]:
     """logits: [N, V], one row per sequence, in the model's dtype; computed on in
     float32 (exact for bf16; PyTorch's bf16 argmax ran ~4x slower than upcast +
-    float32 argmax on the CPU). Returns one SampledToken per row."""
+    float32 argmax on the CPU). Returns one SampledToken per row; a row that cannot
+    be sampled gets `error` set instead of failing the others."""
     logits = logits.float()
     greedy_ids = greedy_argmax(logits).tolist()
     want_logprobs = [i for i, p in enumerate(params) if p.logprobs is not None]
@@ -114,11 +156,12 @@ def sample(logits: torch.Tensor, params: list[SamplingParams], generators: list[
     out = []
     for i, p in enumerate(params):
         if p.greedy:
-            tok = greedy_ids[i]
-        else:
-            row = _filter_logits(logits[i] / p.temperature, p)
-            tok = int(torch.multinomial(row.softmax(-1), 1, generator=generators[i]).item())
-        out.append(SampledToken(tok))
+            out.append(SampledToken(greedy_ids[i]))
+            continue
+        try:
+            out.append(SampledToken(_sample_row(logits[i], p, generators[i])))
+        except Exception as e:  # this row's failure (e.g. NaN logits) is its request's alone
+            out.append(SampledToken(greedy_ids[i], error=f"sampling failed: {type(e).__name__}: {e}"))
     if logprobs is not None:
         for j, i in enumerate(want_logprobs):
             lp = logprobs[j]

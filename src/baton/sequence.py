@@ -22,7 +22,7 @@ class Status(enum.Enum):
     FINISHED = "finished"
 
 
-@dataclass
+@dataclass(eq=False)  # identity: `seq in queue` must not compare fields
 class Sequence:
     request_id: str
     prompt_ids: list[int]
@@ -30,7 +30,8 @@ class Sequence:
     arrival_time: float = field(default_factory=time.monotonic)
     output_ids: list[int] = field(default_factory=list)
     status: Status = Status.WAITING
-    finish_reason: Optional[str] = None
+    finish_reason: Optional[str] = None  # stop, length, abort, or error (then `error` says why)
+    error: Optional[str] = None
     num_cached: int = 0  # tokens whose K/V are in the cache (a row or a pool entry)
     row: Optional[int] = None
     kv: object = None  # the policy's per-query KV (pool entry, parked row, Orca reservation)

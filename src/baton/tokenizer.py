@@ -5,6 +5,7 @@ the vocabulary, merges and chat template stored in a GGUF file's metadata.
 """
 from __future__ import annotations
 
+import functools
 from pathlib import Path
 from typing import Optional, Sequence
 
@@ -26,6 +27,15 @@ class Tokenizer:
     @property
     def vocab_size(self) -> int:
         return len(self.hf)
+
+    @functools.cached_property
+    def max_token_chars(self) -> int:
+        """The most characters of text one token can stand for: the longest
+        vocabulary entry as the tokenizer spells it (a byte-level piece has one
+        character per byte, so it is never shorter than the text it decodes to).
+        A prompt longer than max_model_len * this cannot fit the context, which is
+        known without tokenizing it."""
+        return max(map(len, self.hf.get_vocab()), default=1)
 
     def encode(self, text: str) -> list[int]:
         return self.hf.encode(text, add_special_tokens=True)

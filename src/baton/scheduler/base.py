@@ -72,13 +72,16 @@ class Policy:
         raise NotImplementedError
 
     def release(self, seq: Sequence) -> None:
-        """Free what a finished or aborted query holds."""
-        raise NotImplementedError
-
-    def abort(self, seq: Sequence) -> None:
-        if seq.status is Status.WAITING:
+        """Free everything a finished, aborted or failed query holds, at whatever
+        stage it is (queued, pooled, prefilling, parked, running). Called once the
+        engine has marked it finished, so its place is found by identity, not status."""
+        if seq in self.waiting:
             self.waiting.remove(seq)
-        self.release(seq)
+        self._free(seq)
+
+    def _free(self, seq: Sequence) -> None:
+        """Give back the rows and KV the query holds (it is no longer queued)."""
+        raise NotImplementedError
 
     @property
     def num_running(self) -> int:

@@ -32,7 +32,7 @@ class BatonPolicy(Policy):
     def live_tokens(self) -> int:
         return self.batch.live_tokens()
 
-    def release(self, seq: Sequence) -> None:
+    def _free(self, seq: Sequence) -> None:
         if seq.row is not None:
             self.batch.remove(seq)
 
@@ -116,11 +116,11 @@ class BatonPDPolicy(BatonPolicy):
     def joiners_pending(self) -> bool:
         return bool(self.waiting or self.pool)
 
-    def release(self, seq: Sequence) -> None:
+    def _free(self, seq: Sequence) -> None:
         if seq in self.pool:
             self.pool.remove(seq)
         self._free_entry(seq)
-        super().release(seq)
+        super()._free(seq)
 
     @staticmethod
     def _target(seq: Sequence) -> int:

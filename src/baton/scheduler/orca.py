@@ -28,7 +28,7 @@ class OrcaPolicy(Policy):
     def live_tokens(self) -> int:
         return sum(s.num_cached for s in self.running)
 
-    def release(self, seq: Sequence) -> None:
+    def _free(self, seq: Sequence) -> None:
         if seq in self.running:
             self.running.remove(seq)
         if isinstance(seq.kv, RequestKV):

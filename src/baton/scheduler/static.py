@@ -25,8 +25,12 @@ class StaticPolicy(Policy):
     def live_tokens(self) -> int:
         return sum(s.num_cached for s in self.batch.rows if not s.is_finished)
 
-    def release(self, seq: Sequence) -> None:
-        # The seat is held until the whole batch ends.
+    def _free(self, seq: Sequence) -> None:
+        # A finished query's seat is held until the whole batch ends (that is the
+        # baseline's idle computation); one that was aborted or failed leaves at once,
+        # as nobody will read what its row computes.
+        if seq.row is not None and seq.finish_reason in ("abort", "error"):
+            self.batch.remove(seq)
         if self.batch.rows and all(s.is_finished for s in self.batch.rows):
             for s in list(self.batch.rows):
                 self.batch.remove(s)
