@@ -8,7 +8,11 @@ import sys
 def add_engine_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--model", default=None, help="HF model directory or .gguf file (default: SmolLM2-135M-Instruct)")
     p.add_argument("--policy", default="baton-pd", choices=["static", "orca", "baton", "baton-pd"])
-    p.add_argument("--dtype", default="auto", help="auto, float32 or bfloat16")
+    p.add_argument("--dtype", default="auto",
+                   help="auto (bfloat16 where the CPU computes it natively, else float32), float32 or bfloat16. "
+                        "In bfloat16, greedy output can depend on which other requests share the batch (the "
+                        "kernels round differently per batch shape: 16 of 32 prompts differed alone vs batched in "
+                        "one measurement); float32 output does not")
     p.add_argument("--device", default="cpu", help="cpu or cuda")
     p.add_argument("--max-num-seqs", type=int, default=32)
     p.add_argument("--max-model-len", type=int, default=None)

@@ -53,7 +53,8 @@ CHAT_400 = [
     ({"model": MODEL, "messages": [{"role": "user", "content": "hi"}], "logprobs": True, "top_logprobs": 30},
      "top_logprobs"),
     ({"model": MODEL, "messages": [{"role": "user", "content": "hi"}], "n": 3}, "n"),
-    ({"model": MODEL, "messages": [{"role": "user", "content": "hi"}], "max_completion_tokens": -1}, "max_tokens"),
+    ({"model": MODEL, "messages": [{"role": "user", "content": "hi"}], "max_completion_tokens": -1},
+     "max_completion_tokens"),
     ({"model": MODEL, "messages": [{"role": "user", "content": "hi"}], "tools": [{"type": "function"}]}, "tools"),
 ]
 
@@ -130,18 +131,43 @@ def test_api_key_401(make_engine):
         assert_error(httpx.get(srv.url + "/v1/models", headers={"Authorization": "sekret"}), 401)
         # unauthenticated bad bodies are 401, not 400: nothing is parsed before auth
         assert_error(httpx.post(srv.url + "/v1/completions", content=b"{"), 401)
-        assert httpx.get(srv.url + "/health").status_code == 200  # health and metrics stay open
-        assert httpx.get(srv.url + "/metrics").status_code == 200
+        assert httpx.get(srv.url + "/health").status_code == 200  # only health stays open
+        for path in ("/metrics", "/openapi.json"):
+            assert_error(httpx.get(srv.url + path), 401, code="invalid_api_key")
+            assert httpx.get(srv.url + path, headers={"Authorization": "Bearer sekret"}).status_code == 200
         r = httpx.post(srv.url + "/v1/completions", json=body, headers={"Authorization": "Bearer sekret"},
                        timeout=60)
         assert r.status_code == 200 and r.json()["usage"]["completion_tokens"] == 2
+        # the scheme is case-insensitive (RFC 7235)
+        for scheme in ("bearer", "BEARER", "BeArEr"):
+            r = httpx.get(srv.url + "/v1/models", headers={"Authorization": f"{scheme} sekret"})
+            assert r.status_code == 200, (scheme, r.text)
+        # two Authorization headers: refused, whichever comes last
+        for pair in ([("Authorization", "Bearer nope"), ("Authorization", "Bearer sekret")],
+                     [("Authorization", "Bearer sekret"), ("Authorization", "Bearer nope")]):
+            err = assert_error(httpx.get(srv.url + "/v1/models", headers=httpx.Headers(pair)), 401)
+            assert "exactly one" in err["message"]
         with openai.OpenAI(base_url=srv.url + "/v1", api_key="wrong", max_retries=0) as c:
             with pytest.raises(openai.AuthenticationError):
                 c.models.list()
         with openai.OpenAI(base_url=srv.url + "/v1", api_key="sekret", max_retries=0) as c:
             assert c.chat.completions.create(model=MODEL, messages=[{"role": "user", "content": "Hi"}],
                                              max_tokens=2).usage.completion_tokens == 2
-        assert metric(srv.url, "baton_requests_rejected_total", reason="unauthorized") == 5
+        m = httpx.get(srv.url + "/metrics", headers={"Authorization": "Bearer sekret"}).text
+        assert 'baton_requests_rejected_total{reason="unauthorized"} 9.0' in m, m
+
+
+def test_metrics_api_key(make_engine):
+    eng = make_engine(max_num_seqs=2)
+    with serve(eng, api_key="gen-key", metrics_api_key="scrape-key") as srv:
+        assert_error(httpx.get(srv.url + "/metrics", headers={"Authorization": "Bearer gen-key"}), 401)
+        assert httpx.get(srv.url + "/metrics", headers={"Authorization": "Bearer scrape-key"}).status_code == 200
+        assert_error(httpx.get(srv.url + "/v1/models", headers={"Authorization": "Bearer scrape-key"}), 401)
+        assert httpx.get(srv.url + "/v1/models", headers={"Authorization": "Bearer gen-key"}).status_code == 200
+    with serve(eng, metrics_api_key="scrape-key") as srv:  # the API open, metrics behind their key
+        assert httpx.get(srv.url + "/v1/models").status_code == 200
+        assert_error(httpx.get(srv.url + "/metrics"), 401)
+        assert httpx.get(srv.url + "/metrics", headers={"Authorization": "Bearer scrape-key"}).status_code == 200
 
 
 def test_queue_full_429(make_engine):

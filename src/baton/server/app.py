@@ -10,6 +10,11 @@ detokenized piece, then `data: [DONE]`).
 
 Default max_tokens when the request gives none: min(default_max_tokens (256),
 what is left of the context after the prompt).
+
+Guards against hostile or clumsy clients (see connection.py and middleware.py): a
+deadline for request heads and for bodies, a body-size limit, a bound on open
+connections, and every failure answered with OpenAI's error body and a status the
+OpenAPI document lists.
 """
 from __future__ import annotations
 
@@ -17,7 +22,6 @@ import asyncio
 import contextlib
 import json
 import logging
-import secrets
 import socket
 import threading
 import time
@@ -28,13 +32,17 @@ from typing import Optional, Union
 import uvicorn
 from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
-from fastapi.responses import JSONResponse, Response, StreamingResponse
+from fastapi.responses import JSONResponse, PlainTextResponse, Response, StreamingResponse
 from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
+from ..errors import InvalidRequest, check_unicode
 from ..sampling import SamplingParams
 from .async_engine import AsyncEngine, QueueFull, RequestStream, ShuttingDown, StreamEvent
+from .connection import DEFAULT_HEADER_TIMEOUT, DEFAULT_MAX_CONNECTIONS, guarded_protocol
 from .metrics import ServerMetrics
+from .middleware import DEFAULT_BODY_TIMEOUT, DEFAULT_MAX_REQUEST_BYTES, AccessLog, BearerAuth, BodyLimits
+from .openapi import GENERATION_RESPONSES, PROMETHEUS_RESPONSES, error_responses, without_validation_422
 from .protocol import (APIError, ChatCompletionRequest, CompletionRequest, TokenText, bad_request_from_value_error,
                        chat_logprobs, completion_logprobs, error_body, now, usage)
 
@@ -52,18 +60,17 @@ def default_served_model_name(model_path: Optional[str]) -> str:
 
 
 class ServerState:
-    def __init__(self, engine, served_model_names: list[str], api_key: Optional[str], max_waiting: int,
-                 default_max_tokens: int):
+    def __init__(self, engine, served_model_names: list[str], max_waiting: int, default_max_tokens: int,
+                 stats_interval: float):
         self.engine = engine
         self.served_model_names = served_model_names
-        self.api_key = api_key
         self.max_waiting = max_waiting
         self.default_max_tokens = default_max_tokens
         self.created = now()
         self.token_text = TokenText(engine.tokenizer)
         self.async_engine: Optional[AsyncEngine] = None
         self.metrics = ServerMetrics(self)
-        self.async_engine = AsyncEngine(engine, self.metrics)
+        self.async_engine = AsyncEngine(engine, self.metrics, stats_interval=stats_interval)
 
     @property
     def model_name(self) -> str:
@@ -82,26 +89,23 @@ class ServerState:
 
     # -------------------------------------------------------- admission
     def sampling_params(self, kw: dict, max_tokens: Optional[int], prompt_len: int) -> SamplingParams:
-        e = self.engine
-        limit = min(e.max_model_len, e.policy.max_len_that_fits())
         if max_tokens is None:
-            room = limit - prompt_len
-            if room < 1:
-                raise ValueError(f"prompt ({prompt_len} tokens) leaves no room to generate within the "
-                                 f"context length of {limit} tokens")
-            max_tokens = min(self.default_max_tokens, room)
+            self.engine.check_length(prompt_len, 1)  # the prompt alone must leave room
+            max_tokens = min(self.default_max_tokens, self.engine.max_request_len - prompt_len)
         return SamplingParams(max_tokens=max_tokens, **kw)
 
-    def validate_params(self, kw: dict, max_tokens: Optional[int]) -> None:
+    def validate_params(self, kw: dict, max_tokens: Optional[int], renames: dict) -> None:
         """Range checks before queueing (max_tokens vs context is checked once the prompt is tokenized)."""
         try:
             SamplingParams(max_tokens=1 if max_tokens is None else max_tokens, **kw)
         except ValueError as e:
-            raise bad_request_from_value_error(e) from None
+            raise bad_request_from_value_error(e, renames) from None
         except TypeError as e:
             raise APIError(400, str(e), code="invalid_type") from None
 
-    async def submit(self, request_id: str, prepare) -> RequestStream:
+    async def submit(self, request_id: str, prepare, renames: dict) -> RequestStream:
+        """Queue a request; `renames` maps the engine's field names to the
+        request's (a chat prompt is `messages`), so a 400 names the right one."""
         ae = self.async_engine
         if ae._thread is None and not ae.draining:  # app served without lifespan events
             ae.start(asyncio.get_running_loop())
@@ -115,7 +119,17 @@ class ServerState:
                                 f"retry later", type="rate_limit_error", code="queue_full",
                            headers={"Retry-After": "1"}) from None
         except ValueError as e:
-            raise bad_request_from_value_error(e, default_param="prompt") from None
+            raise bad_request_from_value_error(e, renames) from None
+
+
+def _note_access(request: Request, stream: RequestStream, **fields) -> None:
+    """What the access log line says of a generation request (see middleware.AccessLog)."""
+    info = getattr(request.state, "access", None)
+    if info is None:
+        return
+    info.update(id=stream.request_id, prompt_tokens=stream.prompt_tokens, **fields)
+    if stream.first_token_time is not None:
+        info["ttft"] = stream.first_token_time - stream.arrival_time
 
 
 # ---------------------------------------------------------------- helpers
@@ -191,18 +205,21 @@ class _SSEResponse(StreamingResponse):
             self.on_close()
 
 
-def _stream_response(state: ServerState, stream: RequestStream, rid: str, stop, include_usage: bool,
-                     build, header: dict) -> _SSEResponse:
+def _stream_response(state: ServerState, request: Request, stream: RequestStream, rid: str, stop,
+                     include_usage: bool, build, header: dict) -> _SSEResponse:
     """The SSE body of a streamed completion or chat request: `build(event, text
     delta)` makes the endpoint's chunk for an engine event (or None to send
     nothing), then the usage chunk if asked (stream_options.include_usage), then
-    [DONE]. If the client goes away first, the request is aborted and its row freed."""
+    [DONE]. A request that failed gets an error event instead. If the client goes
+    away first, the request is aborted and its row freed."""
 
     async def gen():
         finished = False
         streamer = _TextStreamer(stop)
+        last = None
         try:
             async for ev in stream:
+                last = ev
                 if ev.error:
                     yield _sse(error_body(ev.error, "server_error", None, "engine_error"))
                     finished = True
@@ -220,44 +237,32 @@ def _stream_response(state: ServerState, stream: RequestStream, rid: str, stop, 
         finally:
             if not finished:  # client went away (or the task was cancelled): free the row
                 state.async_engine.abort(rid)
+            _note_access(request, stream, output_tokens=last.num_tokens if last else 0,
+                         finish_reason=(last.finish_reason if finished and last else "abort"))
 
     return _SSEResponse(gen(), on_close=lambda: state.async_engine.abort(rid))
 
 
 # ---------------------------------------------------------------- the app
 
-class _AuthMiddleware:
-    """Bearer-token check for /v1/* (health and metrics stay open)."""
-
-    def __init__(self, app, state: ServerState):
-        self.app, self.state = app, state
-        self.expected = f"Bearer {state.api_key}".encode()
-
-    async def __call__(self, scope, receive, send):
-        if scope["type"] == "http" and scope["path"].startswith("/v1"):
-            auth = dict(scope["headers"]).get(b"authorization", b"")
-            if not secrets.compare_digest(auth, self.expected):
-                self.state.metrics.rejections.labels(reason="unauthorized").inc()
-                msg = "missing bearer token" if not auth else "invalid API key"
-                resp = JSONResponse(error_body(f"{msg}: send `Authorization: Bearer <key>`",
-                                               "invalid_request_error", None, "invalid_api_key"), status_code=401,
-                                    headers={"WWW-Authenticate": "Bearer"})
-                await resp(scope, receive, send)
-                return
-        await self.app(scope, receive, send)
-
-
 def create_app(engine, served_model_name: Union[str, list[str], None] = None, api_key: Optional[str] = None,
-               max_waiting: int = DEFAULT_MAX_WAITING, default_max_tokens: int = DEFAULT_MAX_TOKENS) -> FastAPI:
+               max_waiting: int = DEFAULT_MAX_WAITING, default_max_tokens: int = DEFAULT_MAX_TOKENS,
+               metrics_api_key: Optional[str] = None, max_request_bytes: int = DEFAULT_MAX_REQUEST_BYTES,
+               body_timeout: float = DEFAULT_BODY_TIMEOUT, stats_interval: float = 10.0) -> FastAPI:
     """An app serving `engine`. Its engine thread starts with the app (lifespan
-    startup) and stops on shutdown; one app at a time per engine."""
+    startup) and stops on shutdown; one app at a time per engine.
+
+    api_key guards every route but /health; metrics_api_key, if given, guards
+    /metrics instead. Request bodies over max_request_bytes get 413, bodies not
+    received within body_timeout seconds 408. stats_interval: seconds between the
+    engine's stats log lines while busy (0: none)."""
     if max_waiting < 0:
         raise ValueError(f"max_waiting must be >= 0; got {max_waiting}")
     if default_max_tokens < 1:
         raise ValueError(f"default_max_tokens must be >= 1; got {default_max_tokens}")
     names = served_model_name or default_served_model_name(engine.config.model)
     names = [names] if isinstance(names, str) else list(names)
-    state = ServerState(engine, names, api_key, max_waiting, default_max_tokens)
+    state = ServerState(engine, names, max_waiting, default_max_tokens, stats_interval)
 
     @contextlib.asynccontextmanager
     async def lifespan(app):
@@ -269,8 +274,16 @@ def create_app(engine, served_model_name: Union[str, list[str], None] = None, ap
 
     app = FastAPI(title="baton", version="0.1.0", lifespan=lifespan, docs_url=None, redoc_url=None)
     app.state.baton = state
-    if api_key:
-        app.add_middleware(_AuthMiddleware, state=state)
+    without_validation_422(app)
+
+    def reject(reason: str) -> None:
+        state.metrics.rejections.labels(reason=reason).inc()
+
+    # Added innermost first: the access log sees every answer, auth runs before any body is read.
+    app.add_middleware(BodyLimits, max_bytes=max_request_bytes, timeout=body_timeout, on_reject=reject)
+    if api_key or metrics_api_key:
+        app.add_middleware(BearerAuth, api_key=api_key, metrics_api_key=metrics_api_key, on_reject=reject)
+    app.add_middleware(AccessLog)
 
     # ------------------------------------------------------------ errors
     reasons = {400: "invalid_request", 404: "model_not_found", 429: "queue_full", 503: "shutting_down"}
@@ -325,14 +338,15 @@ def create_app(engine, served_model_name: Union[str, list[str], None] = None, ap
                                        "internal_error"), status_code=500)
 
     # ------------------------------------------------------------ info
-    @app.get("/health")
+    @app.get("/health", responses={200: {"description": "Serving"},
+                                   503: {"description": "Draining or engine not running"}})
     async def health():
         if state.async_engine.alive and not state.async_engine.draining:
             return {"status": "ok"}
         status = "draining" if state.async_engine.draining else "engine not running"
         return JSONResponse({"status": status}, status_code=503)
 
-    @app.get("/metrics")
+    @app.get("/metrics", response_class=PlainTextResponse, responses=PROMETHEUS_RESPONSES)
     async def metrics():
         return Response(generate_latest(state.metrics.registry), media_type=CONTENT_TYPE_LATEST)
 
@@ -340,29 +354,30 @@ def create_app(engine, served_model_name: Union[str, list[str], None] = None, ap
         return {"id": name, "object": "model", "created": state.created, "owned_by": "baton",
                 "root": engine.config.model or name, "max_model_len": engine.max_model_len}
 
-    @app.get("/v1/models")
+    @app.get("/v1/models", responses=error_responses(401, 503))
     async def models():
         return {"object": "list", "data": [_model_card(n) for n in state.served_model_names]}
 
-    @app.get("/v1/models/{model_id:path}")
+    @app.get("/v1/models/{model_id:path}", responses=error_responses(401, 404, 503))
     async def model(model_id: str):
         return _model_card(state.check_model(model_id))
 
     # ------------------------------------------------------------ completions
-    @app.post("/v1/completions")
+    @app.post("/v1/completions", responses=GENERATION_RESPONSES)
     async def completions(req: CompletionRequest, request: Request):
         req.check()
         model_name = state.check_model(req.model)
         prompt = req.single_prompt()
         kw = req.sampling_kwargs()
-        state.validate_params(kw, req.max_tokens)
+        renames: dict = {}
+        state.validate_params(kw, req.max_tokens, renames)
 
         def prepare():
             ids = engine.encode_prompt(prompt)
             return ids, state.sampling_params(kw, req.max_tokens, len(ids))
 
         rid = f"cmpl-{uuid.uuid4().hex}"
-        stream = await state.submit(rid, prepare)
+        stream = await state.submit(rid, prepare, renames)
         created = now()
         want_lp = req.logprobs is not None
 
@@ -383,11 +398,13 @@ def create_app(engine, served_model_name: Union[str, list[str], None] = None, ap
                     return chunk(delta, ev.finish_reason if ev.finished else None, lp)
                 return None
 
-            return _stream_response(state, stream, rid, kw.get("stop"), req.include_usage, build,
+            return _stream_response(state, request, stream, rid, kw.get("stop"), req.include_usage, build,
                                     {"id": rid, "object": "text_completion", "created": created,
                                      "model": model_name})
 
         final, entries = await _collect(state, stream, request)
+        _note_access(request, stream, output_tokens=final.num_tokens if final else None,
+                     finish_reason=final.finish_reason if final else "abort")
         if final is None:
             return Response(status_code=499)  # client closed the connection; nobody reads this
         if final.error:
@@ -398,32 +415,39 @@ def create_app(engine, served_model_name: Union[str, list[str], None] = None, ap
         return body
 
     # ------------------------------------------------------------ chat
-    @app.post("/v1/chat/completions")
+    @app.post("/v1/chat/completions", responses=GENERATION_RESPONSES)
     async def chat_completions(req: ChatCompletionRequest, request: Request):
         req.check()
         model_name = state.check_model(req.model)
         messages = [m.flat() for m in req.messages]
         kw = req.sampling_kwargs()
         max_tokens = req.requested_max_tokens
-        state.validate_params(kw, max_tokens)
+        renames = {"prompt": "messages"}
+        if req.max_completion_tokens is not None:
+            renames["max_tokens"] = "max_completion_tokens"
+        state.validate_params(kw, max_tokens, renames)
         if engine.tokenizer is None:
             raise APIError(400, "this model has no tokenizer: use /v1/completions with token ids",
                            param="messages", code="unsupported_value")
+        try:
+            engine.check_prompt_chars(sum(len(m["content"]) for m in messages), "messages")
+            for m in messages:
+                check_unicode(m["content"], "messages")
+        except ValueError as e:
+            raise bad_request_from_value_error(e) from None
         add_gen = True if req.add_generation_prompt is None else req.add_generation_prompt
 
         def prepare():
             try:
                 ids = engine.tokenizer.apply_chat_template(messages, add_generation_prompt=add_gen)
-            except ValueError:
-                raise
-            except Exception as e:  # template errors (e.g. jinja raise_exception on bad role order)
-                raise ValueError(f"messages: the chat template failed: {e}") from None
+            except Exception as e:  # no template, or its own errors (jinja raise_exception on bad role order)
+                raise InvalidRequest("messages", f"messages: the chat template failed: {e}") from None
             if not ids:
-                raise ValueError("messages: the chat template produced an empty prompt")
+                raise InvalidRequest("messages", "messages: the chat template produced an empty prompt")
             return ids, state.sampling_params(kw, max_tokens, len(ids))
 
         rid = f"chatcmpl-{uuid.uuid4().hex}"
-        stream = await state.submit(rid, prepare)
+        stream = await state.submit(rid, prepare, renames)
         created = now()
         want_lp = bool(req.logprobs)
 
@@ -445,11 +469,13 @@ def create_app(engine, served_model_name: Union[str, list[str], None] = None, ap
                     first = False
                 return chunk(d, ev.finish_reason if ev.finished else None, lp)
 
-            return _stream_response(state, stream, rid, kw.get("stop"), req.include_usage, build,
+            return _stream_response(state, request, stream, rid, kw.get("stop"), req.include_usage, build,
                                     {"id": rid, "object": "chat.completion.chunk", "created": created,
                                      "model": model_name})
 
         final, entries = await _collect(state, stream, request)
+        _note_access(request, stream, output_tokens=final.num_tokens if final else None,
+                     finish_reason=final.finish_reason if final else "abort")
         if final is None:
             return Response(status_code=499)
         if final.error:
@@ -479,9 +505,28 @@ class BatonServer(uvicorn.Server):
 
 
 def server_config(app, host: str = "127.0.0.1", port: int = 8000, log_level: str = "info",
-                  timeout_graceful_shutdown: float = 30.0, **kwargs) -> uvicorn.Config:
+                  timeout_graceful_shutdown: float = 30.0, header_timeout: float = DEFAULT_HEADER_TIMEOUT,
+                  max_connections: Optional[int] = DEFAULT_MAX_CONNECTIONS, **kwargs) -> uvicorn.Config:
+    """uvicorn's settings for the app: HTTP/1.1 through the guarded protocol
+    (header deadline, connection bound); the app logs its own access lines."""
     return uvicorn.Config(app, host=host, port=port, log_level=log_level, lifespan="on",
+                          http=guarded_protocol(header_timeout, max_connections), access_log=False,
                           timeout_graceful_shutdown=timeout_graceful_shutdown, **kwargs)
+
+
+def bind_socket(host: str, port: int) -> socket.socket:
+    """A listening TCP socket on host:port (0: a free port), made before anything
+    slow (loading the model) so a busy port fails at once. OSError if taken."""
+    family = socket.AF_INET6 if ":" in host else socket.AF_INET
+    sock = socket.socket(family, socket.SOCK_STREAM)
+    try:
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        sock.bind((host, port))
+        sock.listen(2048)
+    except OSError:
+        sock.close()
+        raise
+    return sock
 
 
 class ServerThread:
@@ -492,13 +537,12 @@ class ServerThread:
             httpx.get(srv.url + "/health")
     """
 
-    def __init__(self, app, host: str = "127.0.0.1", port: int = 0, log_level: str = "warning"):
+    def __init__(self, app, host: str = "127.0.0.1", port: int = 0, log_level: str = "warning", **config):
         self.app = app
-        self.sock = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
-        self.sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
-        self.sock.bind((host, port))
+        self.sock = bind_socket(host, port)
         self.host, self.port = self.sock.getsockname()[:2]
-        self.server = BatonServer(server_config(app, host=self.host, port=self.port, log_level=log_level))
+        self.server = BatonServer(server_config(app, host=self.host, port=self.port, log_level=log_level,
+                                                **config))
         self.thread = threading.Thread(target=self._run, name=f"uvicorn-{self.port}", daemon=True)
         self.exc: Optional[BaseException] = None
 

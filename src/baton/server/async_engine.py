@@ -3,7 +3,8 @@
     handlers (event loop) --submit--> executor thread: tokenize + engine.add_request
                           --abort---> pending-abort list, applied at the next iteration boundary
     engine thread: loop { apply aborts; step(); hand outputs to the event loop }
-                   sleeps on a threading.Event when the engine has no work (no busy-wait)
+                   sleeps on a threading.Event when the engine holds no work (no busy-wait),
+                   and logs a stats line every `stats_interval` seconds while busy
     outputs reach the event loop with one loop.call_soon_threadsafe per iteration,
     so the engine thread never waits on the event loop and handlers never wait on
     the engine lock (engine calls that take it run in the executor or engine thread).
@@ -44,7 +45,7 @@ class StreamEvent:
     prompt_tokens: int
     finished: bool
     finish_reason: Optional[str]
-    error: Optional[str] = None
+    error: Optional[str] = None  # the request failed (its own fault or the engine's)
 
 
 class RequestStream:
@@ -73,7 +74,7 @@ class RequestStream:
 
 
 class AsyncEngine:
-    def __init__(self, engine, metrics=None, executor_workers: int = 4):
+    def __init__(self, engine, metrics=None, executor_workers: int = 4, stats_interval: float = 10.0):
         self.engine = engine
         self.metrics = metrics
         self.loop: Optional[asyncio.AbstractEventLoop] = None
@@ -87,6 +88,9 @@ class AsyncEngine:
         self.draining = False
         self.stats: dict = engine.stats()  # snapshot refreshed by the engine thread after every iteration
         self.error: Optional[BaseException] = None
+        self.stats_interval = stats_interval
+        self._last_stats_log = (time.monotonic(), 0)  # (when, generated tokens then)
+        self.generated_tokens = 0
 
     # ------------------------------------------------------------ lifecycle
     def start(self, loop: asyncio.AbstractEventLoop) -> None:
@@ -131,9 +135,14 @@ class AsyncEngine:
     def num_in_flight(self) -> int:
         return len(self._streams)
 
+    def num_held(self) -> int:
+        """Requests taking engine capacity: those the server admitted, or those
+        the engine holds if it holds more (backpressure counts the real load)."""
+        return max(self.num_in_flight, len(self.engine.requests))
+
     def queue_depth(self) -> int:
         """Admitted requests beyond what the running batch can hold."""
-        return max(0, self.num_in_flight - self.engine.config.max_num_seqs)
+        return max(0, self.num_held() - self.engine.config.max_num_seqs)
 
     async def submit(self, request_id: str, prepare: Callable[[], tuple[list[int], SamplingParams]],
                      max_waiting: Optional[int] = None) -> RequestStream:
@@ -144,7 +153,7 @@ class AsyncEngine:
             raise ShuttingDown()
         stream = RequestStream(request_id, time.monotonic())
         with self._lock:
-            if max_waiting is not None and self.queue_depth() >= max_waiting:
+            if max_waiting is not None and self.num_held() + 1 > self.engine.config.max_num_seqs + max_waiting:
                 raise QueueFull()
             if request_id in self._streams:
                 raise ValueError(f"request id {request_id!r} is already in use")
@@ -208,15 +217,30 @@ class AsyncEngine:
                 self._wake.clear()
                 continue
             try:
-                outputs = engine.step()
-            except Exception as e:  # keep serving: fail what was in flight, free it
-                log.exception("engine step failed")
+                outputs = engine.step()  # fails requests itself when a step fails
+            except Exception as e:  # a fault outside the step: fail what was in flight, start clean
+                log.exception("engine loop failed")
                 self.error = e
-                self._fail_all(f"engine error: {type(e).__name__}: {e}")
-                continue
+                outputs = engine.fail_all(f"engine error: {type(e).__name__}: {e}")
             self._dispatch(outputs)
             self._snapshot()
+            self._log_stats()
         self._snapshot()
+
+    def _log_stats(self) -> None:
+        """A line every stats_interval seconds while the engine is busy."""
+        now = time.monotonic()
+        then, tokens_then = self._last_stats_log
+        if not self.stats_interval or now - then < self.stats_interval:
+            return
+        self._last_stats_log = (now, self.generated_tokens)
+        st = self.stats
+        budget = st.get("kv_bytes_budget") or 1
+        log.info("engine: %d running, %d waiting, %d prefilled, %d parked; KV %.1f of %.1f MiB reserved (%.0f%%); "
+                 "%.1f generated tok/s; %d in flight", st.get("running", 0), st.get("waiting", 0),
+                 st.get("prefilled", 0), st.get("parked", 0), st.get("kv_bytes_used", 0) / 2**20, budget / 2**20,
+                 100 * st.get("kv_bytes_used", 0) / budget, (self.generated_tokens - tokens_then) / (now - then),
+                 self.num_in_flight)
 
     def _snapshot(self) -> None:
         try:
@@ -235,25 +259,6 @@ class AsyncEngine:
                 pass  # finished meanwhile: its final output was already delivered
         if outs:
             self._dispatch(outs)
-
-    def _fail_all(self, message: str) -> None:
-        with self._lock:
-            streams = [s for s in self._streams.values() if s.added]
-        batch = []
-        for s in streams:
-            try:
-                self.engine.abort(s.request_id)
-            except Exception:
-                pass
-            with self._lock:
-                self._streams.pop(s.request_id, None)
-            s.done = True
-            batch.append((s, StreamEvent(s.request_id, "", "", [], None, 0, s.prompt_tokens, True, "abort",
-                                         error=message)))
-            if self.metrics:
-                self.metrics.aborts.inc()
-                self.metrics.finished.labels(finish_reason="abort").inc()
-        self._deliver_threadsafe(batch)
 
     def _dispatch(self, outputs) -> None:
         now = time.monotonic()
@@ -274,20 +279,23 @@ class AsyncEngine:
             if o.logprobs is not None and new_ids:
                 new_lp = list(o.logprobs[n - len(new_ids):n])
             ev = StreamEvent(out.request_id, o.text, out.new_text, new_ids, new_lp, n, len(out.prompt_token_ids),
-                             out.finished, o.finish_reason)
+                             out.finished, o.finish_reason, error=out.error)
             batch.append((stream, ev))
+            self.generated_tokens += len(new_ids)
+            first = bool(new_ids) and stream.first_token_time is None
+            if first:
+                stream.first_token_time = now
             if m is None:
                 continue
             if new_ids:
                 m.generation_tokens.inc(len(new_ids))
-                if stream.first_token_time is None:
-                    stream.first_token_time = now
+                if first:
                     m.ttft.observe(now - stream.arrival_time)
             if out.finished:
                 m.finished.labels(finish_reason=o.finish_reason or "unknown").inc()
                 if o.finish_reason == "abort":
                     m.aborts.inc()
-                else:
+                elif o.finish_reason != "error":
                     m.e2e.observe(now - stream.arrival_time)
                     if n > 1 and stream.first_token_time is not None:
                         m.tpot.observe((now - stream.first_token_time) / (n - 1))

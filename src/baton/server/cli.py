@@ -9,6 +9,8 @@ import sys
 
 def add_parser(subparsers) -> argparse.ArgumentParser:
     from ..cli import add_engine_args
+    from .connection import DEFAULT_HEADER_TIMEOUT, DEFAULT_MAX_CONNECTIONS
+    from .middleware import DEFAULT_BODY_TIMEOUT, DEFAULT_MAX_REQUEST_BYTES
 
     p = subparsers.add_parser("serve", help="OpenAI-compatible HTTP server (completions, chat, metrics)",
                               description="Serve the model over an OpenAI-compatible API: /v1/models, "
@@ -17,38 +19,76 @@ def add_parser(subparsers) -> argparse.ArgumentParser:
     p.add_argument("--host", default="127.0.0.1", help="address to bind (default 127.0.0.1)")
     p.add_argument("--port", type=int, default=8000, help="port (default 8000)")
     p.add_argument("--api-key", default=os.environ.get("BATON_API_KEY"),
-                   help="require `Authorization: Bearer KEY` on /v1/* (default: $BATON_API_KEY, else open)")
+                   help="require `Authorization: Bearer KEY` on every route but /health, which load balancers "
+                        "probe without credentials (default: $BATON_API_KEY, else open)")
+    p.add_argument("--metrics-api-key", default=os.environ.get("BATON_METRICS_API_KEY"),
+                   help="a separate key for /metrics, so a scraper need not hold the API key "
+                        "(default: $BATON_METRICS_API_KEY, else /metrics takes --api-key)")
     p.add_argument("--max-waiting", type=int, default=256,
-                   help="requests allowed to queue beyond --max-num-seqs before 429 (default 256)")
+                   help="requests allowed to queue beyond --max-num-seqs before 429 (default 256; 0: none queue)")
     p.add_argument("--served-model-name", nargs="+", default=None,
                    help="model name(s) clients use (default: the model file or directory name)")
     p.add_argument("--default-max-tokens", type=int, default=256,
                    help="max_tokens when a request gives none, capped by the remaining context (default 256)")
-    p.add_argument("--log-level", default="info", choices=["critical", "error", "warning", "info", "debug"])
+    p.add_argument("--max-request-bytes", type=int, default=DEFAULT_MAX_REQUEST_BYTES,
+                   help=f"largest request body accepted; larger ones get 413 (default {DEFAULT_MAX_REQUEST_BYTES})")
+    p.add_argument("--header-timeout", type=float, default=DEFAULT_HEADER_TIMEOUT,
+                   help=f"seconds a connection may take to send its request line and headers before a 408 "
+                        f"(default {DEFAULT_HEADER_TIMEOUT:g})")
+    p.add_argument("--body-timeout", type=float, default=DEFAULT_BODY_TIMEOUT,
+                   help=f"seconds a request may take to send its whole body before a 408 "
+                        f"(default {DEFAULT_BODY_TIMEOUT:g})")
+    p.add_argument("--max-connections", type=int, default=DEFAULT_MAX_CONNECTIONS,
+                   help=f"open connections beyond which requests get 503 (default {DEFAULT_MAX_CONNECTIONS})")
+    p.add_argument("--log-stats-interval", type=float, default=10.0,
+                   help="seconds between engine stats lines while busy (default 10; 0: off)")
+    p.add_argument("--log-level", default="info", choices=["critical", "error", "warning", "info", "debug"],
+                   help="baton's and uvicorn's log level; info logs one access line per request (default info)")
     p.set_defaults(func=cmd_serve)
     return p
+
+
+def _check_flags(args) -> None:
+    for flag, value, ok, allowed in [
+        ("--max-waiting", args.max_waiting, args.max_waiting >= 0, ">= 0"),
+        ("--max-request-bytes", args.max_request_bytes, args.max_request_bytes >= 1, ">= 1"),
+        ("--header-timeout", args.header_timeout, args.header_timeout > 0, "> 0"),
+        ("--body-timeout", args.body_timeout, args.body_timeout > 0, "> 0"),
+        ("--max-connections", args.max_connections, args.max_connections >= 1, ">= 1"),
+        ("--log-stats-interval", args.log_stats_interval, args.log_stats_interval >= 0, ">= 0"),
+        ("--default-max-tokens", args.default_max_tokens, args.default_max_tokens >= 1, ">= 1"),
+    ]:
+        if not ok:
+            raise ValueError(f"{flag} must be {allowed}; got {value}")
 
 
 def cmd_serve(args) -> int:
     from ..cli import engine_kwargs
     from ..engine import EngineConfig, LLMEngine
-    from .app import BatonServer, create_app, server_config
+    from .app import BatonServer, bind_socket, create_app, server_config
 
-    if args.max_waiting < 0:
-        raise ValueError(f"--max-waiting must be >= 0; got {args.max_waiting}")
-    logging.basicConfig(level=getattr(logging, args.log_level.upper()), format="%(levelname)s: %(message)s")
+    _check_flags(args)  # before anything slow
+    logging.basicConfig(level=getattr(logging, args.log_level.upper()), format="%(levelname)s %(name)s: %(message)s")
     log = logging.getLogger("baton.server")
-    log.info("loading the model ...")
+    # The port first: a busy one fails now, not after the model has loaded.
+    try:
+        sock = bind_socket(args.host, args.port)
+    except OSError as e:
+        raise ValueError(f"cannot listen on {args.host}:{args.port}: {e.strerror or e}") from None
+    log.info("listening on %s:%d; loading the model ...", args.host, args.port)
     engine = LLMEngine(EngineConfig(**engine_kwargs(args)))
     app = create_app(engine, served_model_name=args.served_model_name, api_key=args.api_key,
-                     max_waiting=args.max_waiting, default_max_tokens=args.default_max_tokens)
+                     metrics_api_key=args.metrics_api_key, max_waiting=args.max_waiting,
+                     default_max_tokens=args.default_max_tokens, max_request_bytes=args.max_request_bytes,
+                     body_timeout=args.body_timeout, stats_interval=args.log_stats_interval)
     state = app.state.baton
-    log.info("serving %s (policy %s, dtype %s, max_num_seqs %d, context %d) on http://%s:%d",
-             state.model_name, engine.config.policy, engine.model.dtype if hasattr(engine.model, "dtype") else "?",
-             engine.config.max_num_seqs, engine.max_model_len, args.host, args.port)
-    server = BatonServer(server_config(app, host=args.host, port=args.port, log_level=args.log_level))
+    server = BatonServer(server_config(app, host=args.host, port=args.port, log_level=args.log_level,
+                                       header_timeout=args.header_timeout, max_connections=args.max_connections))
+    # uvicorn says "running on http://..." once the app has started.
+    log.info("loaded %s (policy %s, dtype %s, max_num_seqs %d, context %d)", state.model_name,
+             engine.config.policy, engine.model.dtype, engine.config.max_num_seqs, engine.max_model_len)
     try:
-        server.run()
+        server.run(sockets=[sock])
     except KeyboardInterrupt:  # uvicorn re-raises the SIGINT it handled, after a clean shutdown
         pass
     return 0

@@ -36,16 +36,28 @@ def error_body(message: str, type: str = "invalid_request_error", param: Optiona
     return {"error": {"message": message, "type": type, "param": param, "code": code}}
 
 
-SAMPLING_FIELDS = ("max_tokens", "temperature", "top_p", "top_k", "min_p", "seed", "stop", "stop_token_ids",
-                   "ignore_eos", "logprobs", "priority", "prompt")
+class ErrorInfo(BaseModel):
+    message: str
+    type: str
+    param: Optional[str]
+    code: Optional[str]
 
 
-def bad_request_from_value_error(e: ValueError, default_param: Optional[str] = None) -> APIError:
-    """The engine's ValueErrors start with the name of the offending field."""
-    msg = str(e)
-    first = msg.split(" ", 1)[0]
-    param = first if first in SAMPLING_FIELDS else default_param
-    return APIError(400, msg, param=param, code="invalid_value")
+class ErrorResponse(BaseModel):
+    """Every error this server answers, as OpenAI's API shapes it."""
+    error: ErrorInfo
+
+
+def bad_request_from_value_error(e: ValueError, renames: Optional[dict] = None) -> APIError:
+    """A 400 for the engine's ValueError; an InvalidRequest names its field, which
+    `renames` maps to the request's own spelling (the engine's "prompt" is a chat
+    request's "messages")."""
+    param, message = getattr(e, "param", None), str(e)
+    if renames and param in renames:
+        if message.startswith(param):
+            message = renames[param] + message[len(param):]
+        param = renames[param]
+    return APIError(400, message, param=param, code="invalid_value")
 
 
 # ---------------------------------------------------------------- requests
