@@ -188,6 +188,8 @@ class AsyncEngine:
                 self._streams.pop(stream.request_id, None)
             return
         stream.added = True
+        if self.metrics:
+            self.metrics.admitted.inc()
         if stream.abort_requested or self.draining:
             self.abort(stream.request_id)
         self._wake.set()

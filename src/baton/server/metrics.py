@@ -65,10 +65,11 @@ class ServerMetrics:
                              "(not aborted) requests", buckets=E2E_BUCKETS, registry=r)
         self.prompt_tokens = Counter("baton_prompt_tokens", "Prompt tokens of admitted requests", registry=r)
         self.generation_tokens = Counter("baton_generation_tokens", "Generated tokens", registry=r)
-        self.finished = Counter("baton_requests_finished", "Requests finished, by finish reason",
-                                ["finish_reason"], registry=r)
-        self.aborts = Counter("baton_requests_aborted", "Requests aborted (client disconnect, shutdown, "
-                              "engine error)", registry=r)
+        self.admitted = Counter("baton_requests_admitted", "Requests the engine accepted; each ends exactly once, "
+                                "in baton_requests_finished", registry=r)
+        self.finished = Counter("baton_requests_finished", "Requests finished, by finish reason (stop, length, "
+                                "abort, error)", ["finish_reason"], registry=r)
+        self.aborts = Counter("baton_requests_aborted", "Requests aborted (client disconnect, shutdown)", registry=r)
         self.rejections = Counter("baton_requests_rejected", "Requests rejected before admission, by reason",
                                   ["reason"], registry=r)
         r.register(_EngineCollector(server_state))
