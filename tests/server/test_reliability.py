@@ -301,7 +301,8 @@ def test_slow_body_and_slow_headers_get_408(make_engine):
             s.sendall(b"POST /v1/comp")
             resp = read_response(s)
             assert status_of(resp) == 408
-        assert metric(srv.url, "baton_requests_rejected_total", reason="request_timeout") == 1
+        assert metric(srv.url, "baton_requests_rejected_total", reason="body_timeout") == 1
+        assert metric(srv.url, "baton_requests_rejected_total", reason="header_timeout") == 3
         complete(srv.url, "still serving", 2)
 
 
@@ -321,6 +322,7 @@ def test_connection_bound_answers_503(make_engine):
                 s.close()
         wait_for(lambda: len(srv.server.server_state.connections) == 0, what="connections closed")
         assert httpx.get(srv.url + "/v1/models").status_code == 200
+        assert metric(srv.url, "baton_requests_rejected_total", reason="too_many_connections") == 1
 
 
 def test_lone_surrogate_seed_range_and_fields_named(server, engine, monkeypatch):

@@ -509,8 +509,14 @@ def server_config(app, host: str = "127.0.0.1", port: int = 8000, log_level: str
                   max_connections: Optional[int] = DEFAULT_MAX_CONNECTIONS, **kwargs) -> uvicorn.Config:
     """uvicorn's settings for the app: HTTP/1.1 through the guarded protocol
     (header deadline, connection bound); the app logs its own access lines."""
+    state = getattr(getattr(app, "state", None), "baton", None)
+
+    def reject(reason: str) -> None:
+        if state is not None:
+            state.metrics.rejections.labels(reason=reason).inc()
+
     return uvicorn.Config(app, host=host, port=port, log_level=log_level, lifespan="on",
-                          http=guarded_protocol(header_timeout, max_connections), access_log=False,
+                          http=guarded_protocol(header_timeout, max_connections, reject), access_log=False,
                           timeout_graceful_shutdown=timeout_graceful_shutdown, **kwargs)
 
 

@@ -14,7 +14,7 @@ from __future__ import annotations
 
 import json
 import logging
-from typing import Optional
+from typing import Callable, Optional
 
 import h11
 from uvicorn.protocols.http.h11_impl import H11Protocol
@@ -44,15 +44,21 @@ async def _over_capacity(scope, receive, send) -> None:
     await send({"type": "http.response.body", "body": body})
 
 
+def _not_counted(reason: str) -> None:
+    pass
+
+
 class GuardedH11Protocol(H11Protocol):
     header_timeout: float = DEFAULT_HEADER_TIMEOUT
     max_connections: Optional[int] = DEFAULT_MAX_CONNECTIONS
+    on_reject: Callable[[str], None] = staticmethod(_not_counted)  # metrics: why a connection was answered here
 
     def connection_made(self, transport) -> None:
         self._header_timer = None
         super().connection_made(transport)
         if self.max_connections is not None and len(self.connections) > self.max_connections:
             log.warning("over %d open connections: answering 503", self.max_connections)
+            self.on_reject("too_many_connections")
             self.app = _over_capacity  # this connection's request only
         self._watch_request_head()
 
@@ -80,16 +86,20 @@ class GuardedH11Protocol(H11Protocol):
     def _header_deadline(self) -> None:
         self._header_timer = None
         if self.conn.their_state is h11.IDLE and not self.transport.is_closing():
+            self.on_reject("header_timeout")
             self.transport.write(_timeout_response(self.header_timeout))
             self.transport.close()
 
 
 def guarded_protocol(header_timeout: float = DEFAULT_HEADER_TIMEOUT,
-                     max_connections: Optional[int] = DEFAULT_MAX_CONNECTIONS) -> type:
-    """The protocol class to pass as uvicorn's `http`, with these limits."""
+                     max_connections: Optional[int] = DEFAULT_MAX_CONNECTIONS,
+                     on_reject: Callable[[str], None] = _not_counted) -> type:
+    """The protocol class to pass as uvicorn's `http`, with these limits;
+    `on_reject(reason)` is called for each connection answered 408 or 503 here."""
     if not header_timeout > 0:
         raise ValueError(f"header_timeout must be > 0 seconds; got {header_timeout}")
     if max_connections is not None and max_connections < 1:
         raise ValueError(f"max_connections must be >= 1; got {max_connections}")
     return type("GuardedH11Protocol", (GuardedH11Protocol,),
-                {"header_timeout": float(header_timeout), "max_connections": max_connections})
+                {"header_timeout": float(header_timeout), "max_connections": max_connections,
+                 "on_reject": staticmethod(on_reject)})

@@ -77,7 +77,7 @@ class BodyLimits:
             resp = _error(413, f"the request body exceeds the server's limit of {self.max_bytes} bytes "
                                f"(--max-request-bytes)", "request_too_large", headers={"Connection": "close"})
         else:
-            self.on_reject("request_timeout")
+            self.on_reject("body_timeout")
             resp = _error(408, f"the request body did not arrive within {self.timeout:g} s (--body-timeout)",
                           "request_timeout", headers={"Connection": "close"})
         await resp(scope, receive, send)
