@@ -58,6 +58,8 @@ def stream(engine, prompt, params) -> str:
         for out in engine.step():
             print(out.new_text, end="", flush=True)
             text = out.outputs[0].text
+            if out.error:
+                print(f"\nbaton: error: {out.error}", file=sys.stderr)
     print()
     return text
 
