@@ -1,7 +1,7 @@
 """Hostile and clumsy clients against `baton serve`: does every request get its one
 answer, does nothing stay behind, does the server hold?
 
-    .venv/bin/python benchmarks/hostile.py storm              # 300 clients at once, most vanish
+    .venv/bin/python benchmarks/hostile.py storm              # 300 clients in 10 s, half of them vanish
     .venv/bin/python benchmarks/hostile.py overload           # 4x what rows + queue hold, at once, twice
     .venv/bin/python benchmarks/hostile.py soak --minutes 10  # steady traffic, a third of it hostile
 
@@ -311,7 +311,11 @@ def summarize(records: list[dict], ids: Counter) -> dict:
 async def run_traffic(mode: str, run: Run, args, rss_samples: list) -> None:
     rng = random.Random(args.seed)
     if mode == "storm":
-        await asyncio.gather(*(run.one(random.Random(rng.random()), STORM_WEIGHTS) for _ in range(args.clients)))
+        async def client(seed: float, delay: float):
+            await asyncio.sleep(delay)
+            await run.one(random.Random(seed), STORM_WEIGHTS)
+
+        await asyncio.gather(*(client(rng.random(), rng.uniform(0, args.over)) for _ in range(args.clients)))
     elif mode == "overload":
         for wave in range(2):  # the second wave shows the server recovered from the first
             n = 4 * (16 + 32)
@@ -332,7 +336,9 @@ async def run_traffic(mode: str, run: Run, args, rss_samples: list) -> None:
 def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("mode", choices=["storm", "overload", "soak"])
-    ap.add_argument("--clients", type=int, default=300, help="storm: clients started at once")
+    ap.add_argument("--clients", type=int, default=300, help="storm: clients, each starting at a uniform random "
+                                                             "moment of the first --over seconds")
+    ap.add_argument("--over", type=float, default=10.0, help="storm: seconds over which the clients start")
     ap.add_argument("--minutes", type=float, default=10.0, help="soak: how long")
     ap.add_argument("--rate", type=float, default=4.0, help="soak: clients per second (Poisson)")
     ap.add_argument("--seed", type=int, default=0)

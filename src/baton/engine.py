@@ -170,7 +170,9 @@ class LLMEngine:
                                         f"{self.max_prompt_chars} characters fits the context length of "
                                         f"{self.max_model_len} tokens")
 
-    def encode_prompt(self, prompt: Union[str, Seq[int]]) -> list[int]:
+    def validate_prompt(self, prompt: Union[str, Seq[int]]) -> None:
+        """Every check on a prompt that needs no tokenizing (so a server can answer
+        a bad prompt 400 before it queues it)."""
         if isinstance(prompt, str):
             if not prompt:
                 raise InvalidRequest("prompt", "prompt must not be empty")
@@ -178,23 +180,31 @@ class LLMEngine:
                 raise InvalidRequest("prompt", "prompt must be token ids: this engine has no tokenizer")
             self.check_prompt_chars(len(prompt))
             check_unicode(prompt, "prompt")
-            return self.tokenizer.encode(prompt)
-        ids = list(prompt)
-        if not ids:
+            return
+        if not len(prompt):
             raise InvalidRequest("prompt", "prompt must not be empty")
-        if len(ids) > self.max_model_len:
-            raise InvalidRequest("prompt", f"prompt ({len(ids)} tokens) is longer than the model's context "
+        if len(prompt) > self.max_model_len:
+            raise InvalidRequest("prompt", f"prompt ({len(prompt)} tokens) is longer than the model's context "
                                            f"length of {self.max_model_len} tokens")
-        if any(not isinstance(t, int) or isinstance(t, bool) or not 0 <= t < self.cfg.vocab_size for t in ids):
+        if any(not isinstance(t, int) or isinstance(t, bool) or not 0 <= t < self.cfg.vocab_size for t in prompt):
             raise InvalidRequest("prompt", f"prompt token ids must be integers in [0, {self.cfg.vocab_size})")
-        return ids
 
-    def check_length(self, prompt_len: int, max_tokens: int) -> None:
+    def encode_prompt(self, prompt: Union[str, Seq[int]]) -> list[int]:
+        self.validate_prompt(prompt)
+        return self.tokenizer.encode(prompt) if isinstance(prompt, str) else list(prompt)
+
+    def check_length(self, prompt_len: Optional[int], max_tokens: int) -> None:
         """Raise, naming the field to change, if the request cannot fit the context
-        (or the KV budget): the prompt when no max_tokens could, else max_tokens."""
+        (or the KV budget): the prompt when no max_tokens could, else max_tokens.
+        prompt_len None: not tokenized yet (a prompt has at least one token)."""
         limit = self.max_request_len
         what = (f"the model's context length of {self.max_model_len} tokens" if limit == self.max_model_len
                 else f"the KV cache budget ({limit} tokens)")
+        if prompt_len is None:
+            if max_tokens >= limit:
+                raise InvalidRequest("max_tokens", f"max_tokens must be less than {limit}: prompt + max_tokens "
+                                                   f"must fit {what}")
+            return
         if prompt_len >= limit:
             raise InvalidRequest("prompt", f"prompt ({prompt_len} tokens) leaves no room to generate within {what}")
         if prompt_len + max_tokens > limit:

@@ -39,7 +39,7 @@ COMPLETION_400 = [
     ({"model": MODEL, "prompt": ""}, "prompt"),
     ({"model": MODEL, "prompt": ["a", "b"]}, "prompt"),
     ({"model": MODEL, "prompt": [10 ** 9]}, "prompt"),
-    ({"model": MODEL, "prompt": "x", "max_tokens": 10 ** 6}, None),  # prompt + max_tokens > context
+    ({"model": MODEL, "prompt": "x", "max_tokens": 10 ** 6}, "max_tokens"),  # prompt + max_tokens > context
 ]
 
 CHAT_400 = [

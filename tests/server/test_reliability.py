@@ -336,9 +336,11 @@ def test_lone_surrogate_seed_range_and_fields_named(server, engine, monkeypatch)
         err = assert_error(post("/v1/completions", {"prompt": "Hi", "seed": seed}), 400, param="seed")
         assert "2**64" in err["message"]
     assert post("/v1/completions", {"prompt": "Hi", "seed": 2**64 - 1, "max_tokens": 2}).status_code == 200
-    err = assert_error(post("/v1/completions", {"prompt": "Hi", "max_tokens": engine.max_model_len}), 400,
-                       param="max_tokens")
-    assert f"at most {engine.max_model_len - 2}" in err["message"] or "at most" in err["message"]
+    L = engine.max_model_len
+    err = assert_error(post("/v1/completions", {"prompt": "Hi", "max_tokens": L}), 400, param="max_tokens")
+    assert f"max_tokens must be less than {L}" in err["message"]
+    err = assert_error(post("/v1/completions", {"prompt": [1, 2, 3], "max_tokens": L - 1}), 400, param="max_tokens")
+    assert f"max_tokens must be at most {L - 3} for this prompt" in err["message"]
     assert_error(post("/v1/chat/completions", {"messages": [{"role": "user", "content": "Hi"}],
                                                "max_completion_tokens": engine.max_model_len}), 400,
                  param="max_completion_tokens")
@@ -365,6 +367,12 @@ def test_max_waiting_zero_admits_what_the_rows_hold(make_engine):
             s.read(1)
             assert_error(httpx.post(srv.url + "/v1/completions", json={"model": MODEL, "prompt": "x"}), 429,
                          code="queue_full")
+            # an invalid request is told so even when the server is full
+            for body, param in [({"prompt": "x \udc80"}, "prompt"), ({"prompt": [10**9]}, "prompt"),
+                                ({"prompt": "x", "max_tokens": 10**6}, "max_tokens")]:
+                r = httpx.post(srv.url + "/v1/completions", content=json.dumps({"model": MODEL, **body}),
+                               headers={"Content-Type": "application/json"})
+                assert_error(r, 400, param=param)
         finally:
             s.close()
         wait_for(lambda: nothing_held(srv.url), what="row freed")

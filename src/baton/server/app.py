@@ -94,10 +94,16 @@ class ServerState:
             max_tokens = min(self.default_max_tokens, self.engine.max_request_len - prompt_len)
         return SamplingParams(max_tokens=max_tokens, **kw)
 
-    def validate_params(self, kw: dict, max_tokens: Optional[int], renames: dict) -> None:
-        """Range checks before queueing (max_tokens vs context is checked once the prompt is tokenized)."""
+    def validate(self, kw: dict, max_tokens: Optional[int], renames: dict, prompt=None) -> None:
+        """Every check that needs no tokenizing, before the request is queued, so an
+        invalid request gets its 400 even when the server is full (the prompt's
+        length against the context is checked once it is tokenized)."""
         try:
             SamplingParams(max_tokens=1 if max_tokens is None else max_tokens, **kw)
+            if max_tokens is not None:
+                self.engine.check_length(None, max_tokens)
+            if prompt is not None:
+                self.engine.validate_prompt(prompt)
         except ValueError as e:
             raise bad_request_from_value_error(e, renames) from None
         except TypeError as e:
@@ -370,10 +376,10 @@ def create_app(engine, served_model_name: Union[str, list[str], None] = None, ap
         prompt = req.single_prompt()
         kw = req.sampling_kwargs()
         renames: dict = {}
-        state.validate_params(kw, req.max_tokens, renames)
+        state.validate(kw, req.max_tokens, renames, prompt)
 
-        def prepare():
-            ids = engine.encode_prompt(prompt)
+        def prepare():  # validated above; engine.add_request checks the ids and the length
+            ids = engine.tokenizer.encode(prompt) if isinstance(prompt, str) else list(prompt)
             return ids, state.sampling_params(kw, req.max_tokens, len(ids))
 
         rid = f"cmpl-{uuid.uuid4().hex}"
@@ -425,7 +431,7 @@ def create_app(engine, served_model_name: Union[str, list[str], None] = None, ap
         renames = {"prompt": "messages"}
         if req.max_completion_tokens is not None:
             renames["max_tokens"] = "max_completion_tokens"
-        state.validate_params(kw, max_tokens, renames)
+        state.validate(kw, max_tokens, renames)
         if engine.tokenizer is None:
             raise APIError(400, "this model has no tokenizer: use /v1/completions with token ids",
                            param="messages", code="unsupported_value")
