@@ -27,8 +27,8 @@ Server side: admitted vs ended (baton_requests_admitted vs the sum of
 baton_requests_finished), and the held gauges (running, waiting, prefilled,
 parked, KV reserved, in flight) once the traffic is over.
 
-Writes <mode>.json under --out (default benchmarks/results/hostile), the soak also
-rss.png, and prints a summary table.
+Writes <mode>.json and report.md (a row per mode run so far) under --out (default
+benchmarks/results/hostile), the soak also rss.png, and prints a summary.
 """
 from __future__ import annotations
 
@@ -333,9 +333,44 @@ async def run_traffic(mode: str, run: Run, args, rss_samples: list) -> None:
         await asyncio.gather(*tasks)
 
 
+REPORT_KEYS = ["sent", "2xx", "4xx", "5xx", "hung_up", "lost", "duplicated", "unexpected", "wrong"]
+
+
+def write_report(out: Path) -> str:
+    """report.md: one row per mode whose JSON is in `out`."""
+    rows, machine = [], None
+    for mode in ("storm", "overload", "soak"):
+        path = out / f"{mode}.json"
+        if not path.exists():
+            continue
+        r = json.loads(path.read_text())
+        machine = r["machine"]
+        srv, rss = r["server"], r["rss"]
+        slope = rss["slope_after_first_minute_mib_per_min"]
+        rows.append([mode, r["date"], f"{r['traffic_seconds']:.0f}"] + [str(r[k]) for k in REPORT_KEYS] + [
+            f"{srv['admitted']:.0f} / {srv['ended']:.0f}", f"{r['seconds_to_hold_nothing']:.2f}",
+            "same" if r["canary_after_matches"] else "DIFFERENT",
+            f"{rss['start_mib']:.0f} -> {rss['end_mib']:.0f} (max {rss['max_mib']:.0f})",
+            "-" if slope is None else f"{slope:.2f}"])
+    head = (["mode", "date", "traffic s"] + REPORT_KEYS +
+            ["admitted / ended", "s to hold nothing", "canary after", "RSS MiB", "RSS slope MiB/min"])
+    lines = ["# baton serve under hostile traffic (benchmarks/hostile.py)", ""]
+    if machine:
+        lines += [f"Machine: {machine['cpu_model']}, {machine['logical_cores']} cores, {machine['memory_gib']} GiB; "
+                  f"server flags `{' '.join(SERVER_FLAGS)}`; client and server share the cores.", ""]
+    lines += ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
+    lines += ["| " + " | ".join(row) + " |" for row in rows]
+    lines += ["", "Outcomes are defined in the module docstring of benchmarks/hostile.py; per-kind counts, "
+              "the server's finish and rejection reasons and every problem case are in the JSON files."]
+    text = "\n".join(lines) + "\n"
+    (out / "report.md").write_text(text)
+    return text
+
+
 def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    ap.add_argument("mode", choices=["storm", "overload", "soak"])
+    ap.add_argument("mode", choices=["storm", "overload", "soak", "report"],
+                    help="report: only rebuild report.md from the JSON files in --out")
     ap.add_argument("--clients", type=int, default=300, help="storm: clients, each starting at a uniform random "
                                                              "moment of the first --over seconds")
     ap.add_argument("--over", type=float, default=10.0, help="storm: seconds over which the clients start")
@@ -346,6 +381,9 @@ def main() -> int:
     args = ap.parse_args()
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
+    if args.mode == "report":
+        print(write_report(out))
+        return 0
     port = free_port()
     url = f"http://127.0.0.1:{port}"
     server = subprocess.Popen([sys.executable, "-m", "baton.cli", "serve", "--port", str(port), *SERVER_FLAGS],
@@ -403,8 +441,8 @@ def main() -> int:
     (out / f"{args.mode}.json").write_text(json.dumps(result, indent=1))
     if args.mode == "soak" and rss:
         _plot_rss(rss, out / "rss.png", result["sent"])
-    keys = ["sent", "2xx", "4xx", "5xx", "hung_up", "lost", "duplicated", "unexpected", "wrong"]
-    print(f"{args.mode}: " + "  ".join(f"{k} {result[k]}" for k in keys))
+    write_report(out)
+    print(f"{args.mode}: " + "  ".join(f"{k} {result[k]}" for k in REPORT_KEYS))
     print(f"server: admitted {counts['admitted']:.0f}, ended {counts['ended']:.0f}, "
           f"finished {counts['finished_by_reason']}, rejected {counts['rejected_by_reason']}")
     slope = result["rss"]["slope_after_first_minute_mib_per_min"]
