@@ -217,6 +217,7 @@ class AsyncEngine:
                 self._snapshot()
                 self._wake.wait()
                 self._wake.clear()
+                self._last_stats_log = (time.monotonic(), self.generated_tokens)  # idle time is not busy time
                 continue
             try:
                 outputs = engine.step()  # fails requests itself when a step fails
