@@ -393,7 +393,7 @@ def test_busy_port_fails_before_loading_the_model(tmp_path):
                               capture_output=True, text=True, timeout=120)
     assert proc.returncode == 2, proc.stderr
     assert f"cannot listen on 127.0.0.1:{port}" in proc.stderr and "in use" in proc.stderr
-    assert "does not exist" not in proc.stderr and "running on" not in proc.stderr.lower()
+    assert "does not exist" not in proc.stderr and "serving on" not in proc.stderr
 
 
 def test_max_model_len_above_the_model_is_an_error(tiny_model_dir):

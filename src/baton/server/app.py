@@ -503,6 +503,12 @@ class BatonServer(uvicorn.Server):
     streams end with finish_reason "abort"; then uvicorn closes the listener,
     waits for connections, and the app's lifespan stops the engine thread."""
 
+    async def startup(self, sockets=None):
+        await super().startup(sockets=sockets)
+        if self.started:  # uvicorn announces nothing when it is handed its sockets
+            host, port = (sockets[0].getsockname()[:2] if sockets else (self.config.host, self.config.port))
+            log.info("serving on http://%s:%d", f"[{host}]" if ":" in host else host, port)
+
     async def shutdown(self, sockets=None):
         state = getattr(getattr(self.config.app, "state", None), "baton", None)
         if state is not None:

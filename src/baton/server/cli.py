@@ -84,7 +84,7 @@ def cmd_serve(args) -> int:
     state = app.state.baton
     server = BatonServer(server_config(app, host=args.host, port=args.port, log_level=args.log_level,
                                        header_timeout=args.header_timeout, max_connections=args.max_connections))
-    # uvicorn says "running on http://..." once the app has started.
+    # BatonServer says "serving on http://..." once the app has started.
     log.info("loaded %s (policy %s, dtype %s, max_num_seqs %d, context %d)", state.model_name,
              engine.config.policy, engine.model.dtype, engine.config.max_num_seqs, engine.max_model_len)
     try:
