@@ -41,31 +41,28 @@ class SamplingParams:
         def bad(name, allowed, value):
             raise InvalidRequest(name, f"{name} must be {allowed}; got {value!r}")
 
-        def is_int(v) -> bool:
-            return isinstance(v, int) and not isinstance(v, bool)
-
-        if not is_int(self.max_tokens) or self.max_tokens < 1:
+        if not _is_int(self.max_tokens) or self.max_tokens < 1:
             bad("max_tokens", "an integer >= 1", self.max_tokens)
         if not _is_number(self.temperature) or not 0 <= self.temperature < math.inf:
             bad("temperature", "a finite number >= 0", self.temperature)
         if not _is_number(self.top_p) or not 0 < self.top_p <= 1:
             bad("top_p", "in (0, 1]", self.top_p)
-        if not is_int(self.top_k) or self.top_k < -1:
+        if not _is_int(self.top_k) or self.top_k < -1:
             bad("top_k", "-1, 0 (off) or a positive integer", self.top_k)
         if not _is_number(self.min_p) or not 0 <= self.min_p <= 1:
             bad("min_p", "in [0, 1]", self.min_p)
-        if self.logprobs is not None and (not is_int(self.logprobs) or not 0 <= self.logprobs <= self.MAX_LOGPROBS):
+        if self.logprobs is not None and (not _is_int(self.logprobs) or not 0 <= self.logprobs <= self.MAX_LOGPROBS):
             bad("logprobs", f"an integer in [0, {self.MAX_LOGPROBS}]", self.logprobs)
         # The range torch.Generator.manual_seed takes (int64 and uint64 values).
-        if self.seed is not None and (not is_int(self.seed) or not -2**63 <= self.seed < 2**64):
+        if self.seed is not None and (not _is_int(self.seed) or not -2**63 <= self.seed < 2**64):
             bad("seed", "an integer in [-2**63, 2**64 - 1]", self.seed)
         if any(not isinstance(s, str) or not s for s in self.stop):
             bad("stop", "a non-empty string or a list of them", self.stop)
-        if any(not is_int(t) for t in self.stop_token_ids):
+        if any(not _is_int(t) for t in self.stop_token_ids):
             bad("stop_token_ids", "a list of integers", self.stop_token_ids)
         if not isinstance(self.ignore_eos, bool):
             bad("ignore_eos", "true or false", self.ignore_eos)
-        if not is_int(self.priority):
+        if not _is_int(self.priority):
             bad("priority", "an integer", self.priority)
 
     @property
@@ -75,6 +72,10 @@ class SamplingParams:
 
 def _is_number(v) -> bool:
     return isinstance(v, (int, float)) and not isinstance(v, bool)
+
+
+def _is_int(v) -> bool:
+    return isinstance(v, int) and not isinstance(v, bool)
 
 
 @dataclass

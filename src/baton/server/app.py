@@ -94,7 +94,8 @@ class ServerState:
             max_tokens = min(self.default_max_tokens, self.engine.max_request_len - prompt_len)
         return SamplingParams(max_tokens=max_tokens, **kw)
 
-    def validate(self, kw: dict, max_tokens: Optional[int], renames: dict, prompt=None) -> None:
+    def validate(self, kw: dict, max_tokens: Optional[int], renames: dict, prompt=None,
+                 messages: Optional[list[dict]] = None) -> None:
         """Every check that needs no tokenizing, before the request is queued, so an
         invalid request gets its 400 even when the server is full (the prompt's
         length against the context is checked once it is tokenized)."""
@@ -104,6 +105,10 @@ class ServerState:
                 self.engine.check_length(None, max_tokens)
             if prompt is not None:
                 self.engine.validate_prompt(prompt)
+            if messages is not None:
+                self.engine.check_prompt_chars(sum(len(m["content"]) for m in messages), "messages")
+                for m in messages:
+                    check_unicode(m["content"], "messages")
         except ValueError as e:
             raise bad_request_from_value_error(e, renames) from None
         except TypeError as e:
@@ -282,10 +287,8 @@ def create_app(engine, served_model_name: Union[str, list[str], None] = None, ap
     app.state.baton = state
     without_validation_422(app)
 
-    def reject(reason: str) -> None:
-        state.metrics.rejections.labels(reason=reason).inc()
-
     # Added innermost first: the access log sees every answer, auth runs before any body is read.
+    reject = state.metrics.reject
     app.add_middleware(BodyLimits, max_bytes=max_request_bytes, timeout=body_timeout, on_reject=reject)
     if api_key or metrics_api_key:
         app.add_middleware(BearerAuth, api_key=api_key, metrics_api_key=metrics_api_key, on_reject=reject)
@@ -296,7 +299,7 @@ def create_app(engine, served_model_name: Union[str, list[str], None] = None, ap
 
     def _count(status: int, code: Optional[str]) -> None:
         if status in reasons:
-            state.metrics.rejections.labels(reason=reasons[status]).inc()
+            state.metrics.reject(reasons[status])
 
     @app.exception_handler(APIError)
     async def _api_error(request: Request, exc: APIError):
@@ -431,16 +434,10 @@ def create_app(engine, served_model_name: Union[str, list[str], None] = None, ap
         renames = {"prompt": "messages"}
         if req.max_completion_tokens is not None:
             renames["max_tokens"] = "max_completion_tokens"
-        state.validate(kw, max_tokens, renames)
         if engine.tokenizer is None:
             raise APIError(400, "this model has no tokenizer: use /v1/completions with token ids",
                            param="messages", code="unsupported_value")
-        try:
-            engine.check_prompt_chars(sum(len(m["content"]) for m in messages), "messages")
-            for m in messages:
-                check_unicode(m["content"], "messages")
-        except ValueError as e:
-            raise bad_request_from_value_error(e) from None
+        state.validate(kw, max_tokens, renames, messages=messages)
         add_gen = True if req.add_generation_prompt is None else req.add_generation_prompt
 
         def prepare():
@@ -522,13 +519,9 @@ def server_config(app, host: str = "127.0.0.1", port: int = 8000, log_level: str
     """uvicorn's settings for the app: HTTP/1.1 through the guarded protocol
     (header deadline, connection bound); the app logs its own access lines."""
     state = getattr(getattr(app, "state", None), "baton", None)
-
-    def reject(reason: str) -> None:
-        if state is not None:
-            state.metrics.rejections.labels(reason=reason).inc()
-
+    protocol = guarded_protocol(header_timeout, max_connections, *([state.metrics.reject] if state else []))
     return uvicorn.Config(app, host=host, port=port, log_level=log_level, lifespan="on",
-                          http=guarded_protocol(header_timeout, max_connections, reject), access_log=False,
+                          http=protocol, access_log=False,
                           timeout_graceful_shutdown=timeout_graceful_shutdown, **kwargs)
 
 

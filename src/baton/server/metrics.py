@@ -73,3 +73,7 @@ class ServerMetrics:
         self.rejections = Counter("baton_requests_rejected", "Requests rejected before admission, by reason",
                                   ["reason"], registry=r)
         r.register(_EngineCollector(server_state))
+
+    def reject(self, reason: str) -> None:
+        """Count one request refused before admission (every layer that refuses calls this)."""
+        self.rejections.labels(reason=reason).inc()
