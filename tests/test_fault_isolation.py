@@ -160,14 +160,14 @@ def test_a_row_that_cannot_be_sampled_fails_alone(tiny_llama, monkeypatch, polic
 def test_a_request_whose_postprocessing_fails_fails_alone(tiny_llama, monkeypatch):
     engine = make_engine(tiny_llama, policy="baton-pd", max_num_seqs=4)
     ref = solo(tiny_llama, [5, 5, 5], greedy(8))
-    real = engine._check_stop
+    real = engine.outputs.append
 
-    def check_stop(seq, token_id):
+    def append(seq, tok, now):
         if seq.request_id == "bad" and len(seq.output_ids) == 3:
             raise UnicodeDecodeError("utf-8", b"\xff", 0, 1, "invalid start byte")
-        return real(seq, token_id)
+        return real(seq, tok, now)
 
-    monkeypatch.setattr(engine, "_check_stop", check_stop)
+    monkeypatch.setattr(engine.outputs, "append", append)
     engine.add_request("good", [5, 5, 5], greedy(8))
     engine.add_request("bad", [6, 6], greedy(8))
     results = drain(engine)
@@ -198,7 +198,7 @@ class FailOnce:
 def test_forward_failure_fails_all_in_flight_and_engine_comes_back_clean(tiny_llama, policy):
     ref = solo(tiny_llama, [3, 3, 7], greedy(9), policy)
     engine = make_engine(tiny_llama, policy=policy, max_num_seqs=2, pool_size=1)
-    engine.timed_model.model = FailOnce(engine.timed_model.model, n=4)
+    engine.runner.model = FailOnce(engine.runner.model, n=4)
     for i in range(5):
         engine.add_request(f"r{i}", [i + 1, 2, 3], greedy(20))
     iterations = []

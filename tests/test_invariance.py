@@ -2,54 +2,12 @@
 generating it alone, whatever joins or leaves the batch, under every policy."""
 from __future__ import annotations
 
-import random
-
 import pytest
 
-from baton import SamplingParams
-from baton.scheduler import baton as baton_scheduler
 from baton.scheduler.base import ShapedBatch
-from testutil import make_engine
+from testutil import make_engine, run_alone, run_arrivals, workload
 
 POLICIES = ["static", "orca", "baton", "baton-pd"]
-
-
-def workload(seed: int, n: int = 14):
-    rng = random.Random(seed)
-    reqs = []
-    for i in range(n):
-        plen = rng.choice([rng.randint(1, 6), rng.randint(7, 30), rng.randint(31, 70)])
-        params = SamplingParams(max_tokens=rng.randint(1, 24), temperature=0.0, ignore_eos=True)
-        if i % 4 == 3:  # seeded sampling must not depend on the batch either
-            params = SamplingParams(max_tokens=rng.randint(1, 24), temperature=0.9, top_k=50, seed=1000 + i,
-                                    ignore_eos=True)
-        reqs.append(([rng.randrange(256) for _ in range(plen)], params, rng.randint(0, 25)))
-    return reqs
-
-
-def run_alone(path, prompt, params):
-    engine = make_engine(path, policy="baton-pd", max_num_seqs=1)
-    engine.add_request("alone", prompt, params)
-    while engine.has_unfinished_requests():
-        for out in engine.step():
-            if out.finished:
-                return out.outputs[0].token_ids
-
-
-def run_arrivals(engine, reqs):
-    """Add each request at its arrival step; returns {index: token ids}."""
-    got, pending, step = {}, list(range(len(reqs))), 0
-    while pending or engine.has_unfinished_requests():
-        for i in [i for i in pending if reqs[i][2] <= step]:
-            engine.add_request(str(i), reqs[i][0], reqs[i][1])
-            pending.remove(i)
-        for out in engine.step():
-            assert out.request_id not in got, "a request finished twice"
-            if out.finished:
-                got[out.request_id] = out.outputs[0].token_ids
-        step += 1
-        assert step < 5000
-    return {int(k): v for k, v in got.items()}
 
 
 @pytest.fixture(scope="module")
@@ -71,14 +29,14 @@ def test_rebatching_invariance(policy, seed, tiny_llama, reference, monkeypatch)
 
     monkeypatch.setattr(ShapedBatch, "admit", spy)
     forwards = []  # baton-pd: per forward, each segment's (rows, longest feed, first start)
-    fused = baton_scheduler.shaped_forward
-
-    def spy_forward(model, segments):
-        forwards.append([(len(sg.starts), max(map(len, sg.tokens)), sg.starts[0]) for sg in segments])
-        return fused(model, segments)
-
-    monkeypatch.setattr(baton_scheduler, "shaped_forward", spy_forward)
     engine = make_engine(tiny_llama, policy=policy, max_num_seqs=3, max_prefill_tokens=24)
+    execute = engine.runner.execute
+
+    def spy_execute(plan):
+        forwards.append([(len(sg.starts), max(map(len, sg.tokens)), sg.starts[0]) for sg in plan.segments])
+        return execute(plan)
+
+    engine.runner.execute = spy_execute
     reqs = workload(seed)
     got = run_arrivals(engine, reqs)
     assert sorted(got) == list(range(len(reqs))), "a request was lost"

@@ -1,6 +1,6 @@
 import torch
 
-from baton.sampling import ARGMAX_BLOCK, greedy_argmax
+from baton.platform.cpu import ARGMAX_BLOCK, greedy_argmax
 
 
 def test_greedy_argmax_matches_torch_argmax_including_ties():

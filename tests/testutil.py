@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import functools
+import random
 
 import torch
 
@@ -32,11 +33,11 @@ def make_tiny_model(path, arch: str = "llama", seed: int = 0, **overrides) -> st
 
 
 @functools.lru_cache(maxsize=None)
-def load_cached(path: str, dtype: str = "float32"):
+def load_cached(path: str, dtype: str = "float32", model_impl: str = "auto"):
     from baton.models.loader import load_model
     from baton.tokenizer import load_tokenizer
 
-    model, cfg = load_model(path, dtype)
+    model, cfg = load_model(path, dtype, model_impl=model_impl)
     return model, load_tokenizer(path, cfg.eos_token_ids)
 
 
@@ -44,6 +45,69 @@ def make_engine(path: str, dtype: str = "float32", **kwargs):
     """An engine over a cached model, so tests share weights."""
     from baton.engine import EngineConfig, LLMEngine
 
-    model, tok = load_cached(path, dtype)
+    model, tok = load_cached(path, dtype, kwargs.get("model_impl", "auto"))
     kwargs.setdefault("kv_cache_bytes", 1 << 30)
     return LLMEngine(EngineConfig(model=path, dtype=dtype, **kwargs), model=model, tokenizer=tok)
+
+
+def baton_logits(model, ids: list[int], n_decode: int, next_ids: list[int]):
+    """Through the model runner: prefill `ids` into a one-row cache, then feed
+    `next_ids` one at a time; logits at every step, [1 + len(next_ids), vocab]."""
+    from baton.cache import KVBudget, KVSpec, ShapedKV
+    from baton.runner import ModelRunner
+    from baton.scheduler.plan import Plan, Segment
+
+    runner = ModelRunner(model)
+    cache = ShapedKV(KVSpec.of(model.cfg, model.dtype, model.device), KVBudget(1 << 30), rows=1,
+                     width=len(ids) + n_decode)
+    owner = object()
+    out = [runner.execute(Plan([Segment(cache, [0], [ids], [True], [owner])])).logits[0]]
+    for i, t in enumerate(next_ids):
+        out.append(runner.execute(Plan([Segment(cache, [len(ids) + i], [[t]], [True], [owner])])).logits[0])
+    return torch.stack(out).float()
+
+
+# ---------------------------------------------------------------- re-batching invariance
+
+def workload(seed: int, n: int = 14, vocab: int = 256):
+    """Requests (prompt, params, arrival step) that join and leave a 3-row batch:
+    short, medium and long prompts, greedy and seeded sampling."""
+    from baton import SamplingParams
+
+    rng = random.Random(seed)
+    reqs = []
+    for i in range(n):
+        plen = rng.choice([rng.randint(1, 6), rng.randint(7, 30), rng.randint(31, 70)])
+        params = SamplingParams(max_tokens=rng.randint(1, 24), temperature=0.0, ignore_eos=True)
+        if i % 4 == 3:  # seeded sampling must not depend on the batch either
+            params = SamplingParams(max_tokens=rng.randint(1, 24), temperature=0.9, top_k=50, seed=1000 + i,
+                                    ignore_eos=True)
+        reqs.append(([rng.randrange(vocab) for _ in range(plen)], params, rng.randint(0, 25)))
+    return reqs
+
+
+def run_alone(path, prompt, params, **engine_kwargs):
+    engine = make_engine(path, policy="baton-pd", max_num_seqs=1, **engine_kwargs)
+    engine.add_request("alone", prompt, params)
+    while engine.has_unfinished_requests():
+        for out in engine.step():
+            if out.finished:
+                return out.outputs[0].token_ids
+
+
+def run_arrivals(engine, reqs):
+    """Add each request at its arrival step; returns {index: token ids}."""
+    got, pending, step = {}, list(range(len(reqs))), 0
+    while pending or engine.has_unfinished_requests():
+        for i in [i for i in pending if reqs[i][2] <= step]:
+            engine.add_request(str(i), reqs[i][0], reqs[i][1])
+            pending.remove(i)
+        for out in engine.step():
+            assert out.request_id not in got, "a request finished twice"
+            if out.finished:
+                got[out.request_id] = out.outputs[0].token_ids
+        step += 1
+        assert step < 5000
+    return {int(k): v for k, v in got.items()}
+
+

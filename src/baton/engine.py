@@ -1,7 +1,10 @@
 """LLMEngine: add_request / step / abort.
 
-    batch = policy.step()           # schedule + one model iteration
-    return self._postprocess(batch)  # sample, stop checks, detokenize, free rows
+    plan = scheduler.schedule()          # which rows feed which tokens (pure data)
+    out = runner.execute(plan)           # the one forward
+    scheduler.commit(plan, out.computed) # those tokens are now cached
+    tokens = sample(out.logits, ...)     # one token per row that wanted one
+    return self._update(plan, tokens)    # outputs: detokenize, stop, free finished rows
 
 Faults stay with their owner: a row that cannot be sampled or detokenized fails
 its own request (finish_reason "error") and the batch goes on; an error the
@@ -14,42 +17,25 @@ from __future__ import annotations
 import logging
 import threading
 import time
-from dataclasses import dataclass, field
-from typing import Callable, Optional, Sequence as Seq, Union
+from dataclasses import dataclass
+from typing import Optional, Sequence as Seq, Union
 
-import psutil
 import torch
 
+from . import platform
+from .cache import KVBudget, KVSpec, resolve_kv_dtype
 from .errors import InvalidRequest, check_unicode
-from .kv import KVBudget, resolve_kv_dtype
-from .models.loader import load_model
+from .models.loader import MODEL_IMPLS, load_model
+from .outputs import CompletionOutput, OutputProcessor, RequestOutput
+from .runner import ModelRunner
 from .sampling import SamplingParams, sample
 from .scheduler import POLICIES
-from .sequence import Sequence, Status
-from .tokenizer import IncrementalDetokenizer, Tokenizer, load_tokenizer
+from .sequence import Sequence
+from .tokenizer import Tokenizer, load_tokenizer
 
 log = logging.getLogger("baton.engine")
 
-
-@dataclass
-class CompletionOutput:
-    index: int
-    text: str
-    token_ids: list[int]
-    finish_reason: Optional[str]
-    logprobs: Optional[list] = None  # per token: (token_id, logprob, [(id, logprob), ...])
-
-
-@dataclass
-class RequestOutput:
-    request_id: str
-    prompt_token_ids: list[int]
-    outputs: list[CompletionOutput]
-    finished: bool
-    new_text: str = ""
-    new_token_ids: list[int] = field(default_factory=list)
-    metrics: Optional[dict] = None
-    error: Optional[str] = None  # set when the request failed (finish_reason "error")
+__all__ = ["CompletionOutput", "EngineConfig", "LLMEngine", "RequestOutput"]
 
 
 @dataclass
@@ -58,10 +44,11 @@ class EngineConfig:
     policy: str = "baton-pd"
     dtype: str = "auto"
     device: str = "cpu"
+    model_impl: str = "auto"        # native family file, or the HF transformers backend
     max_num_seqs: int = 32
     max_model_len: Optional[int] = None
     kv_cache_bytes: Optional[int] = None
-    kv_cache_fraction: float = 0.3  # of available RAM, when kv_cache_bytes is not given
+    kv_cache_fraction: float = 0.3  # of available memory (host RAM, or the GPU's), when kv_cache_bytes is not given
     max_prefill_tokens: int = 1024  # prompt tokens processed per iteration (chunked beyond)
     pool_size: int = 4              # baton-pd: prefilled queries kept ready
     max_preemptions: int = 2        # baton-pd: starvation guard, preemptions per query
@@ -80,6 +67,8 @@ class EngineConfig:
             raise ValueError(f"pool_size must be >= 1; got {self.pool_size}")
         if self.max_preemptions < 0:
             raise ValueError(f"max_preemptions must be >= 0; got {self.max_preemptions}")
+        if self.model_impl not in MODEL_IMPLS:
+            raise ValueError(f"model_impl must be one of {', '.join(MODEL_IMPLS)}; got {self.model_impl!r}")
         resolve_kv_dtype(self.kv_cache_dtype, torch.float32)  # raises on a bad name
         if not (0 < self.kv_cache_fraction <= 1):
             raise ValueError(f"kv_cache_fraction must be in (0, 1]; got {self.kv_cache_fraction}")
@@ -95,26 +84,6 @@ def resolve_max_model_len(requested: Optional[int], model_max: int) -> int:
     return requested
 
 
-class TimedModel:
-    """The model as the policies see it: same calls, plus the wall time spent in
-    forwards, so the engine can split a step into model time and its own overhead
-    (scheduling, shaping inputs, sampling, detokenizing)."""
-
-    def __init__(self, model):
-        self.model = model
-        self.seconds = 0.0
-
-    def __call__(self, *args, **kwargs):
-        t0 = time.perf_counter()
-        try:
-            return self.model(*args, **kwargs)
-        finally:
-            self.seconds += time.perf_counter() - t0
-
-    def __getattr__(self, name):
-        return getattr(self.model, name)
-
-
 class LLMEngine:
     def __init__(self, config: Optional[EngineConfig] = None, *, model=None, tokenizer: Optional[Tokenizer] = None,
                  **kwargs):
@@ -123,39 +92,36 @@ class LLMEngine:
         config = config or EngineConfig(**kwargs)
         config.validate()
         self.config = config
-        if config.num_threads:
-            torch.set_num_threads(config.num_threads)
+        platform.configure(config.device, config.num_threads)
         if model is None:
             from .models.loader import default_model_path
             path = config.model or default_model_path()
-            model, _ = load_model(path, config.dtype, config.device)
+            model, _ = load_model(path, config.dtype, config.device, model_impl=config.model_impl, progress=True)
             tokenizer = tokenizer or load_tokenizer(path, model.cfg.eos_token_ids)
         self.model, self.cfg, self.tokenizer = model, model.cfg, tokenizer
         self.max_model_len = resolve_max_model_len(config.max_model_len, self.cfg.max_position_embeddings)
         # No prompt longer than this many characters can fit the context: refused
         # before it is tokenized (tokenizing 8 MB of text took seconds).
         self.max_prompt_chars = self.max_model_len * (tokenizer.max_token_chars if tokenizer else 1)
-        budget = config.kv_cache_bytes or int(psutil.virtual_memory().available * config.kv_cache_fraction)
+        budget = config.kv_cache_bytes or int(platform.available_memory(model.device) * config.kv_cache_fraction)
         self.budget = KVBudget(budget)
-        self.timed_model = TimedModel(model)
+        self.kv_spec = KVSpec.of(self.cfg, resolve_kv_dtype(config.kv_cache_dtype, model.dtype), model.device)
+        self.runner = ModelRunner(model)
         self.policy = self._make_policy()
         self.requests: dict[str, Sequence] = {}
-        self.detoks: dict[str, IncrementalDetokenizer] = {}
-        self.logprobs: dict[str, list] = {}
         self.lock = threading.RLock()  # add/abort may come from other threads than step
-        self.hooks: list[Callable[[str, Sequence], None]] = []  # metrics: (event, seq)
-        self.eos_ids = set(tokenizer.eos_token_ids if tokenizer else self.cfg.eos_token_ids)
-        self.step_seconds = 0.0  # wall time in step(); timed_model.seconds of it in forwards
+        eos_ids = set(tokenizer.eos_token_ids if tokenizer else self.cfg.eos_token_ids)
+        self.outputs = OutputProcessor(tokenizer, eos_ids)
+        self.step_seconds = 0.0  # wall time in step(); runner.seconds of it in forwards
         self.sample_seconds = 0.0  # of it in the sampler
 
     def _make_policy(self):
         config = self.config
         kwargs = dict(max_num_seqs=config.max_num_seqs, max_prefill_tokens=config.max_prefill_tokens,
-                      record_timeline=config.record_timeline,
-                      kv_dtype=resolve_kv_dtype(config.kv_cache_dtype, self.model.dtype))
+                      record_timeline=config.record_timeline)
         if config.policy == "baton-pd":
             kwargs.update(pool_size=config.pool_size, max_preemptions=config.max_preemptions)
-        return POLICIES[config.policy](self.timed_model, self.cfg, self.budget, **kwargs)
+        return POLICIES[config.policy](self.kv_spec, self.budget, **kwargs)
 
     # ------------------------------------------------------------ requests
     @property
@@ -218,14 +184,14 @@ class LLMEngine:
         params.validate()
         ids = self.encode_prompt(prompt)
         self.check_length(len(ids), params.max_tokens)
-        seq = Sequence(request_id, ids, params, arrival_time=arrival_time or time.monotonic())
+        seq = Sequence(request_id, ids, params, arrival_time=arrival_time or time.monotonic(),
+                       device=self.model.device)
         with self.lock:
             if request_id in self.requests:
                 raise ValueError(f"request id {request_id!r} is already in use")
             self.requests[request_id] = seq
-            self.detoks[request_id] = IncrementalDetokenizer(self.tokenizer, ids) if self.tokenizer else None
+            self.outputs.add(seq)
             self.policy.add(seq)
-        self._emit("added", seq)
         return seq
 
     def abort(self, request_id: str) -> RequestOutput:
@@ -233,8 +199,9 @@ class LLMEngine:
             seq = self.requests.get(request_id)
             if seq is None:
                 raise KeyError(f"no running request with id {request_id!r}")
+            delta = self.outputs.flush(seq)
             self._finish(seq, "abort")
-            return self._output(seq, "", [])
+            return self._output(seq, delta, [])
 
     def has_unfinished_requests(self) -> bool:
         """Whether step() has work: a known request, or anything the scheduler
@@ -246,7 +213,12 @@ class LLMEngine:
         with self.lock:
             t0 = time.perf_counter()
             try:
-                outputs = self._postprocess(self.policy.step())
+                plan = self.policy.schedule()
+                outputs = []
+                if not plan.empty:
+                    out = self.runner.execute(plan)
+                    self.policy.commit(plan, out.computed)
+                    outputs = self._update(plan.sampled(), out.logits)
             except Exception as e:  # not attributable to one request: fail all, start clean
                 log.exception("engine step failed; failing every request in flight")
                 outputs = self.fail_all(f"engine error: {type(e).__name__}: {e}")
@@ -260,30 +232,30 @@ class LLMEngine:
         with self.lock:
             outputs = []
             for seq in list(self.requests.values()):
-                seq.error = message
-                seq.finish_reason, seq.status, seq.finish_time = "error", Status.FINISHED, time.monotonic()
-                self._emit("finished", seq)
-                outputs.append(self._output(seq, "", []))
+                delta = self.outputs.flush(seq)
+                self.outputs.finish(seq, "error", message)
+                outputs.append(self._output(seq, delta, []))
             stats = self.policy.stats
             self.budget.reset()
             self.policy = self._make_policy()
             self.policy.stats = stats  # lifetime counters (iterations, preemptions) carry on
             return outputs
 
-    def _postprocess(self, batch) -> list[RequestOutput]:
-        if not batch.seqs:
+    def _update(self, seqs: list[Sequence], logits) -> list[RequestOutput]:
+        """Sample a token for each of `seqs` (one per logits row) and hand it to the
+        output processor; finished requests leave the scheduler."""
+        if not seqs:
             return []
-        params = [s.params for s in batch.seqs]
         t0 = time.perf_counter()
-        tokens = sample(batch.logits, params, [s.generator for s in batch.seqs])
+        tokens = sample(logits, [s.params for s in seqs], [s.generator for s in seqs])
         self.sample_seconds += time.perf_counter() - t0
         now = time.monotonic()
         deltas, finished = [], []
-        for seq, tok in zip(batch.seqs, tokens):
+        for seq, tok in zip(seqs, tokens):
             delta, reason = "", None
             if tok.error is None:
                 try:
-                    delta, reason = self._append_token(seq, tok, now)
+                    delta, reason = self.outputs.append(seq, tok, now)
                 except Exception as e:  # e.g. the detokenizer on this request's tokens
                     log.exception("request %s failed after sampling", seq.request_id)
                     tok.error = f"{type(e).__name__}: {e}"
@@ -296,84 +268,18 @@ class LLMEngine:
         # last row into it, and that row should not be one that is leaving too.
         for seq, reason in sorted(finished, key=lambda f: -1 if f[0].row is None else f[0].row, reverse=True):
             self._finish(seq, reason)
-        outputs = []
-        for seq, tok, delta in zip(batch.seqs, tokens, deltas):
-            outputs.append(self._output(seq, delta, [] if tok.error else [tok.token_id]))
-            self._emit("token", seq)
-        return outputs
-
-    def _append_token(self, seq: Sequence, tok, now: float) -> tuple[str, Optional[str]]:
-        """Add a sampled token to its query: returns (text delta, finish reason or None)."""
-        seq.output_ids.append(tok.token_id)
-        if seq.first_token_time is None:
-            seq.first_token_time = now
-        if tok.logprob is not None:
-            self.logprobs.setdefault(seq.request_id, []).append((tok.token_id, tok.logprob, tok.top_logprobs))
-        delta = self._detokenize(seq, tok.token_id)
-        reason = self._check_stop(seq, tok.token_id)
-        if reason == "stop":
-            delta = self._trim_stop(seq, delta)
-        return delta, reason
-
-    def _detokenize(self, seq: Sequence, token_id: int) -> str:
-        detok = self.detoks.get(seq.request_id)
-        if detok is None or token_id in self.eos_ids and not seq.params.ignore_eos:
-            return ""
-        return detok.add(token_id)
-
-    def _check_stop(self, seq: Sequence, token_id: int) -> Optional[str]:
-        p = seq.params
-        if not p.ignore_eos and token_id in self.eos_ids:
-            return "stop"
-        if token_id in p.stop_token_ids:
-            return "stop"
-        if p.stop and self.detoks.get(seq.request_id):
-            text = self.detoks[seq.request_id].text
-            tail = text[-(max(map(len, p.stop)) + 32):]
-            if any(s in tail for s in p.stop):
-                return "stop"
-        if len(seq.output_ids) >= p.max_tokens:
-            return "length"
-        return None
-
-    def _trim_stop(self, seq: Sequence, delta: str) -> str:
-        """Cut the text at the first stop string (the stop string is not returned)."""
-        detok = self.detoks.get(seq.request_id)
-        if not detok or not seq.params.stop:
-            return delta
-        text = detok.text
-        cut = min((i for i in (text.find(s) for s in seq.params.stop) if i >= 0), default=len(text))
-        emitted_before = len(text) - len(delta)
-        detok.text = text[:cut]
-        return text[emitted_before:cut] if cut > emitted_before else ""
+        return [self._output(seq, delta, [] if tok.error else [tok.token_id])
+                for seq, tok, delta in zip(seqs, tokens, deltas)]
 
     def _finish(self, seq: Sequence, reason: str) -> None:
-        seq.finish_reason = reason
-        seq.status = Status.FINISHED
-        seq.finish_time = time.monotonic()
+        self.outputs.finish(seq, reason)
         self.policy.release(seq)
-        self._emit("finished", seq)
 
     def _output(self, seq: Sequence, delta: str, new_ids: list[int]) -> RequestOutput:
-        detok = self.detoks.get(seq.request_id)
-        text = detok.text if detok else ""
-        finished = seq.is_finished
-        out = RequestOutput(
-            seq.request_id, seq.prompt_ids,
-            [CompletionOutput(0, text, list(seq.output_ids), seq.finish_reason,
-                              self.logprobs.get(seq.request_id))],
-            finished, delta, new_ids, error=seq.error)
-        if finished:
-            out.metrics = {"arrival_time": seq.arrival_time, "first_token_time": seq.first_token_time,
-                           "finish_time": seq.finish_time, "num_preemptions": seq.num_preemptions}
+        out = self.outputs.output(seq, delta, new_ids)
+        if out.finished:
             self.requests.pop(seq.request_id, None)
-            self.detoks.pop(seq.request_id, None)
-            self.logprobs.pop(seq.request_id, None)
         return out
-
-    def _emit(self, event: str, seq: Sequence) -> None:
-        for hook in self.hooks:
-            hook(event, seq)
 
     # ------------------------------------------------------------ introspection
     def stats(self) -> dict:
@@ -397,8 +303,8 @@ class LLMEngine:
             "kv_padding_ratio": p.stats.kv_padding_ratio,
             "preemptions": p.stats.preemptions,
             "step_seconds": self.step_seconds,
-            "forward_seconds": self.timed_model.seconds,
-            "overhead_share": 1 - self.timed_model.seconds / self.step_seconds if self.step_seconds else 0.0,
+            "forward_seconds": self.runner.seconds,
+            "overhead_share": 1 - self.runner.seconds / self.step_seconds if self.step_seconds else 0.0,
             "kv_copy_seconds": self.budget.copy_seconds,  # overhead parts: KV allocation and copies,
             "sample_seconds": self.sample_seconds,        # the sampler; the rest is scheduling and Python
         }

@@ -1,10 +1,15 @@
-"""A query's state as it moves through the engine."""
+"""A query's state as it moves through the engine: one record per request.
+
+Who writes what: the scheduler owns where the query is (status while queued or
+running, row, kv, num_cached, num_preemptions); the output processor owns what
+it produced and how it ended (output_ids, first_token_time, finish_reason,
+error, finish_time, and the FINISHED status)."""
 from __future__ import annotations
 
 import enum
 import itertools
 import time
-from dataclasses import dataclass, field
+from dataclasses import InitVar, dataclass, field
 from typing import Optional
 
 import torch
@@ -40,10 +45,11 @@ class Sequence:
     num_preemptions: int = 0
     order: int = field(default_factory=lambda: next(_arrival_counter))
     generator: Optional[torch.Generator] = None
+    device: InitVar[object] = None  # where the logits are: the generator must live there
 
-    def __post_init__(self):
+    def __post_init__(self, device):
         if not self.params.greedy:
-            self.generator = torch.Generator()
+            self.generator = torch.Generator(device=device or "cpu")
             seed = self.params.seed if self.params.seed is not None else torch.seed()
             self.generator.manual_seed(seed)
 

@@ -6,17 +6,8 @@ from pathlib import Path
 import pytest
 import torch
 
-from baton.kv import KVBudget, Segment, ShapedKV, shaped_forward
 from baton.models.loader import load_model
-
-
-def baton_logits(model, ids: list[int], n_decode: int, next_ids: list[int]):
-    """Prefill `ids`, then feed `next_ids` one at a time; logits at every step."""
-    cache = ShapedKV(model.cfg, model.dtype, "cpu", KVBudget(1 << 30), rows=1, width=len(ids) + n_decode)
-    out = [shaped_forward(model, [Segment(cache, [0], [ids], [True])])[0][0]]
-    for i, t in enumerate(next_ids):
-        out.append(shaped_forward(model, [Segment(cache, [len(ids) + i], [[t]], [True])])[0][0])
-    return torch.stack(out)
+from testutil import baton_logits
 
 
 def hf_logits(hf, ids: list[int], next_ids: list[int]):

@@ -4,7 +4,7 @@ from __future__ import annotations
 import pytest
 
 from baton import SamplingParams
-from baton.kv import KVBudgetExceeded, ShapedKV, slot_bytes
+from baton.cache import KVBudgetExceeded, KVSpec, ShapedKV
 from baton.sequence import Status
 from testutil import load_cached, make_engine
 
@@ -83,7 +83,7 @@ def test_starvation_guard_bounds_preemptions(tiny_llama):
 
 def test_burst_over_budget_with_priorities_completes_within_budget(tiny_llama):
     model, _ = load_cached(tiny_llama)
-    slot = slot_bytes(model.cfg, model.dtype)
+    slot = KVSpec.of(model.cfg, model.dtype, "cpu").slot_bytes
     engine = make_engine(tiny_llama, policy="baton-pd", max_num_seqs=6, kv_cache_bytes=260 * slot)
     prompts = {f"q{i}": [(i * 13 + j) % 250 + 1 for j in range(10 + 4 * i)] for i in range(10)}
     for i, (rid, p) in enumerate(prompts.items()):

@@ -19,7 +19,7 @@ import numpy as np
 from tqdm.auto import tqdm
 
 from ..engine import EngineConfig, LLMEngine
-from ..kv import resolve_kv_dtype, slot_bytes
+from ..cache import KVSpec, resolve_kv_dtype
 from ..sampling import SamplingParams
 from .metrics import percentile
 
@@ -136,7 +136,7 @@ def memory_experiment(model, tok, quick: bool) -> dict:
     vocab = model.cfg.vocab_size
     n, rows = (16, 8) if quick else (48, 16)
     spec = [(rng.randint(16, 256), rng.choice([16, 32, 64, 128, 192])) for _ in range(n)]
-    slot = slot_bytes(model.cfg, resolve_kv_dtype("auto", model.dtype))  # the engines' KV dtype
+    slot = KVSpec.of(model.cfg, resolve_kv_dtype("auto", model.dtype), model.device).slot_bytes  # the engines' KV dtype
     longest = max(p + o for p, o in spec)
     full = rows * longest * slot  # the whole batch at the longest final length
     results = {}

@@ -56,23 +56,6 @@ def load_hf_model(model_path: str, dtype: torch.dtype):
     return model.eval()
 
 
-def prepack_linears(hf_model) -> int:
-    """Give the HF model's linear layers the GEMM baton's own use on CPU (a
-    oneDNN-prepacked weight, see baton.models.llama.Linear), so that a comparison
-    with this baseline measures the engines, not which GEMM kernel each calls.
-    Returns how many layers were packed."""
-    from torch import nn
-
-    from ..models.llama import Linear
-
-    n = 0
-    for m in hf_model.modules():
-        if type(m) is nn.Linear:
-            m.__class__ = Linear  # a subclass adding only the packed path; same weights
-            n += m.prepack()
-    return n
-
-
 def same_weights(hf_model, baton_model) -> Optional[bool]:
     """Spot check that the HF model holds the same weights as baton's (layer 0's down projection)."""
     try:
@@ -289,7 +272,9 @@ def run_hf_baselines(model_path: str, dtype: torch.dtype, requests: Sequence[Ben
     if "cb-same-kernels" in which:
         # The same manager with its linear layers on baton's prepacked GEMM: what is
         # left of the gap is scheduling and model code, not the GEMM kernel.
-        prepack_linears(model)
+        from ..platform.cpu import prepack_foreign_linears
+
+        prepack_foreign_linears(model)
         run("continuous_batching_same_kernels", "hf-continuous-batching, baton's GEMMs", hf_continuous_batching)
     for r in out.values():
         r.update(info)

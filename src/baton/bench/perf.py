@@ -25,7 +25,7 @@ import torch
 from tqdm.auto import tqdm
 
 from ..engine import EngineConfig, LLMEngine
-from ..models.llama import INT4_MAX_TOKENS, Linear
+from ..platform.cpu import INT4_MAX_TOKENS, set_int4
 from ..sampling import SamplingParams
 
 # llama.cpp on this kind of machine (shared/docs/baton-notes.md; same SmolLM2 weights as a
@@ -39,16 +39,6 @@ HF_SAME_KERNELS = "HF transformers generate, linears prepacked as baton's"
 def prompts_for(vocab: int, batch: int, prompt_len: int) -> list[list[int]]:
     lo = max(vocab // 16, 1)
     return [[lo + (b * 131 + j * 7) % (vocab - lo - 1) for j in range(prompt_len)] for b in range(batch)]
-
-
-def set_int4(model, enabled: bool) -> int:
-    """Turn the int4 small-batch path on or off for every linear that has one."""
-    n = 0
-    for m in model.modules():
-        if isinstance(m, Linear) and m.int4 is not None:
-            m.int4_max_tokens = INT4_MAX_TOKENS if enabled else 0
-            n += 1
-    return n
 
 
 def fixed_batch_engine(model, tok, batch: int, prompt_len: int, kv_cache_dtype: str = "auto") -> LLMEngine:
@@ -245,7 +235,8 @@ def cmd_perf(args) -> int:
     from pathlib import Path
 
     from . import plots
-    from .hf_baselines import load_hf_model, prepack_linears
+    from ..platform.cpu import prepack_foreign_linears
+    from .hf_baselines import load_hf_model
     from .report import machine_info
     from .throughput import load_for_bench
 
@@ -256,7 +247,7 @@ def cmd_perf(args) -> int:
     if not args.no_hf:
         hf[HF_SHIPPED] = load_hf_model(loaded.path, loaded.dtype)
         hf[HF_SAME_KERNELS] = load_hf_model(loaded.path, loaded.dtype)
-        prepack_linears(hf[HF_SAME_KERNELS])
+        prepack_foreign_linears(hf[HF_SAME_KERNELS])
     batches = (1, 4) if args.quick else (1, 8, 32)
     perf = run_perf(loaded, batches, 16 if args.quick else 64, 8 if args.quick else 64, hf_models=hf)
     perf["machine"] = machine_info(loaded.dtype, torch.get_num_threads())

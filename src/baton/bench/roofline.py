@@ -24,7 +24,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from ..models.llama import pack_linear_weight, packed_linear
+from ..platform.cpu import Int4Linear, PackedLinear, can_pack
 
 
 def model_gemm_shapes(model: nn.Module) -> list[tuple[torch.Tensor, int]]:
@@ -67,7 +67,7 @@ def _time(fn, min_time: float = 0.15, min_reps: int = 3, max_reps: int = 200) ->
 
 
 def _has_int4(mod: nn.Module) -> bool:
-    return getattr(mod, "int4", None) is not None
+    return isinstance(getattr(mod, "kernel", None), Int4Linear)
 
 
 def model_linear_groups(model: nn.Module) -> list[tuple[nn.Module, int]]:
@@ -91,7 +91,7 @@ def int4_path_bytes(model: nn.Module) -> Optional[int]:
     for mod in model.modules():
         if isinstance(mod, nn.Linear):
             if _has_int4(mod):
-                total += sum(t.numel() * t.element_size() for t in mod.int4[:2])
+                total += mod.kernel.nbytes
             elif mod.weight.data_ptr() not in seen:
                 total += mod.weight.numel() * mod.weight.element_size()
             seen.add(mod.weight.data_ptr())
@@ -115,9 +115,9 @@ def gemm_step_time(model: nn.Module, batch: int, dtype: torch.dtype, min_time: f
             t = _time(lambda: mod(x), min_time=share)
         else:
             t = _time(lambda: F.linear(x, w), min_time=share)
-            packed = pack_linear_weight(w, batch)
-            if packed is not None:
-                t = min(t, _time(lambda: packed_linear(x, packed), min_time=share))
+            if w.device.type == "cpu" and can_pack(w.dtype):
+                packed = PackedLinear(w, None, batch)
+                t = min(t, _time(lambda: packed(x), min_time=share))
         total_t += t * count
         total_flops += 2 * batch * w.numel() * count
     return {"batch": batch, "step_gemm_time_s": total_t, "gflops": total_flops / total_t / 1e9,

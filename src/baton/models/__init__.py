@@ -1,4 +1,4 @@
-from .llama import LlamaModel, ModelConfig
+from .layers import ModelConfig
 from .loader import ModelLoadError, default_model_path, load_model, resolve_dtype
 
-__all__ = ["LlamaModel", "ModelConfig", "ModelLoadError", "default_model_path", "load_model", "resolve_dtype"]
+__all__ = ["ModelConfig", "ModelLoadError", "default_model_path", "load_model", "resolve_dtype"]

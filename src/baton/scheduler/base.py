@@ -1,5 +1,9 @@
-"""What every scheduling policy shares: the waiting queue, the step result and
-the accounting of idle computation and KV padding that the benchmarks report."""
+"""What every scheduling policy shares: the waiting queue, the running batch and
+the accounting of idle computation and KV padding that the benchmarks report.
+
+A policy plans (`schedule() -> Plan`, pure data) and never calls the model: the
+engine hands the plan to the model runner, then gives the policy `commit(plan,
+computed)` once the forward ran."""
 from __future__ import annotations
 
 import bisect
@@ -7,16 +11,9 @@ import time
 from dataclasses import dataclass, field
 from typing import Optional
 
-import torch
-
-from ..kv import KVBudget, Segment, ShapedKV, reservation_bytes, shaped_forward, slot_bytes
+from ..cache import KVBudget, KVSpec, ShapedKV
 from ..sequence import Sequence, Status
-
-
-@dataclass
-class StepResult:
-    seqs: list[Sequence]  # one per row of logits: each gets a sampled token
-    logits: Optional[torch.Tensor]
+from .plan import Plan, Segment
 
 
 @dataclass
@@ -46,13 +43,12 @@ class PolicyStats:
 class Policy:
     name = "base"
 
-    def __init__(self, model, cfg, budget: KVBudget, max_num_seqs: int, max_prefill_tokens: int,
-                 record_timeline: bool = False, kv_dtype: Optional[torch.dtype] = None):
-        self.model, self.cfg, self.budget = model, cfg, budget
+    def __init__(self, spec: KVSpec, budget: KVBudget, max_num_seqs: int, max_prefill_tokens: int,
+                 record_timeline: bool = False):
+        self.spec, self.budget = spec, budget
         self.max_num_seqs = max_num_seqs
         self.max_prefill_tokens = max_prefill_tokens
-        self.kv_dtype = kv_dtype or model.dtype
-        self.slot = slot_bytes(cfg, self.kv_dtype)
+        self.slot = spec.slot_bytes
         self.waiting: list[Sequence] = []  # sorted by (priority, arrival)
         self.stats = PolicyStats()
         self.record_timeline = record_timeline
@@ -64,12 +60,18 @@ class Policy:
 
     def max_len_that_fits(self) -> int:
         """Longest query (prompt + max_tokens) that could ever run alone in the budget."""
-        per_token = reservation_bytes(self.cfg, self.slot, 1, 1 << 20) / (1 << 20)
+        per_token = self.spec.reservation_bytes(1, 1 << 20) / (1 << 20)
         return int(self.budget.limit // per_token)
 
     # ---- to implement
-    def step(self) -> StepResult:
+    def schedule(self) -> Plan:
+        """This iteration's plan (empty when there is nothing to run)."""
         raise NotImplementedError
+
+    def commit(self, plan: Plan, computed: int) -> None:
+        """The plan's forward ran, computing `computed` token-rows."""
+        plan.commit()
+        self.account(computed, plan.useful_tokens)
 
     def release(self, seq: Sequence) -> None:
         """Free everything a finished, aborted or failed query holds, at whatever
@@ -118,8 +120,8 @@ class ShapedBatch:
     """The running batch: one ShapedKV whose live rows are 0..n-1, and the
     query in each row."""
 
-    def __init__(self, cfg, dtype, device, budget: KVBudget, max_rows: int):
-        self.cache = ShapedKV(cfg, dtype, device, budget)
+    def __init__(self, spec: KVSpec, budget: KVBudget, max_rows: int):
+        self.cache = ShapedKV(spec, budget)
         self.rows: list[Sequence] = []
         self.max_rows = max_rows
 
@@ -169,22 +171,12 @@ class ShapedBatch:
     def _shrink(self, tight: bool = False) -> None:
         self.cache.shrink(len(self.rows), self.final_width(), max(s.num_cached for s in self.rows), tight)
 
-    def segment(self, tokens: list[list[int]], want_logits: list[bool]) -> Segment:
+    def segment(self, tokens: list[list[int]], sample: list[bool]) -> Segment:
         """This iteration's segment over all live rows (the columns it needs are
-        allocated here); call advance(tokens) once it has run."""
+        allocated here)."""
         starts = [s.num_cached for s in self.rows]
         self.cache.ensure_width(max(s + len(t) for s, t in zip(starts, tokens)))
-        return Segment(self.cache, starts, tokens, want_logits)
-
-    def advance(self, tokens: list[list[int]]) -> None:
-        for s, t in zip(self.rows, tokens):
-            s.num_cached += len(t)
-
-    def forward(self, model, tokens: list[list[int]], want_logits: list[bool]):
-        """One vector-shaped iteration over all live rows; advances num_cached."""
-        logits, logit_rows, computed, useful = shaped_forward(model, [self.segment(tokens, want_logits)])
-        self.advance(tokens)
-        return logits, [self.rows[b] for _, b in logit_rows], computed, useful
+        return Segment(self.cache, starts, tokens, sample, list(self.rows))
 
     def live_tokens(self) -> int:
         return sum(s.num_cached for s in self.rows)

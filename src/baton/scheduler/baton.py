@@ -13,9 +13,10 @@ from __future__ import annotations
 
 from typing import Optional
 
-from ..kv import KVBudgetExceeded, PrefilledKV, Segment, reservation_bytes, shaped_forward
+from ..cache import KVBudgetExceeded, ShapedKV
 from ..sequence import Sequence, Status
-from .base import Policy, ShapedBatch, StepResult
+from .base import Policy, ShapedBatch
+from .plan import Plan, Segment
 
 
 class BatonPolicy(Policy):
@@ -23,7 +24,7 @@ class BatonPolicy(Policy):
 
     def __init__(self, *args, **kwargs):
         super().__init__(*args, **kwargs)
-        self.batch = ShapedBatch(self.cfg, self.kv_dtype, self.model.device, self.budget, self.max_num_seqs)
+        self.batch = ShapedBatch(self.spec, self.budget, self.max_num_seqs)
 
     @property
     def num_running(self) -> int:
@@ -54,12 +55,12 @@ class BatonPolicy(Policy):
             budget -= len(seq.uncached_tokens())
         return joiners
 
-    def step(self) -> StepResult:
+    def schedule(self) -> Plan:
         self._admit_joiners()
         if not self.joiners_pending():
             self.batch.fit_to_live_rows()
         if not len(self.batch):
-            return StepResult([], None)
+            return Plan()
         # Every row feeds what it has not cached: the last sampled token, or its
         # prompt (chunked to the prefill budget when it is long).
         tokens, want = [], []
@@ -68,9 +69,7 @@ class BatonPolicy(Policy):
             chunk = todo[: max(1, self.max_prefill_tokens)]
             tokens.append(chunk)
             want.append(len(chunk) == len(todo))
-        logits, seqs, computed, useful = self.batch.forward(self.model, tokens, want)
-        self.account(computed, useful)
-        return StepResult(seqs, logits)
+        return Plan([self.batch.segment(tokens, want)])
 
 
 class BatonPDPolicy(BatonPolicy):
@@ -132,7 +131,7 @@ class BatonPDPolicy(BatonPolicy):
         return bool(seq.output_ids) and seq.num_cached == self._target(seq) and not seq.is_finished
 
     def _free_entry(self, seq: Sequence) -> None:
-        if isinstance(seq.kv, PrefilledKV):
+        if isinstance(seq.kv, ShapedKV):
             seq.kv.release()
         seq.kv = None
 
@@ -198,7 +197,7 @@ class BatonPDPolicy(BatonPolicy):
         cache = self.batch.cache
         growth = 0 if rows <= cache.rows_cap and width <= cache.width_cap \
             else cache.bytes_for(max(rows, cache.rows_cap), max(width, cache.width_cap)) - cache.reserved
-        return self.budget.fits(reservation_bytes(self.cfg, self.slot, 1, self._target(seq)) + growth)
+        return self.budget.fits(self.spec.reservation_bytes(1, self._target(seq)) + growth)
 
     def _pool_next(self) -> Optional[Sequence]:
         """Move the first waiting query into the pool with a cache of its own, if
@@ -211,7 +210,7 @@ class BatonPDPolicy(BatonPolicy):
         if not room or not self._pool_admission_fits(seq):
             return None
         try:
-            seq.kv = PrefilledKV(self.cfg, self.kv_dtype, self.model.device, self.budget, self._target(seq))
+            seq.kv = ShapedKV(self.spec, self.budget, rows=1, width=self._target(seq))
         except KVBudgetExceeded:
             return None
         self.waiting.pop(0)
@@ -237,7 +236,7 @@ class BatonPDPolicy(BatonPolicy):
             budget -= len(chunk)
         return plan
 
-    def step(self) -> StepResult:
+    def schedule(self) -> Plan:
         """Embed ready entries, then one forward: the batch's decode tokens and this
         iteration's prompt chunks as segments of one flat token batch, so the weights
         are read once (each segment attends over its own cache, nothing padded to
@@ -245,20 +244,10 @@ class BatonPDPolicy(BatonPolicy):
         self._embed_ready()
         if not self.joiners_pending():
             self.batch.fit_to_live_rows()
-        segments, owners = [], []
-        decode = [s.uncached_tokens() for s in self.batch.rows]  # one token per row
-        if decode:
-            segments.append(self.batch.segment(decode, [True] * len(decode)))
-            owners.append(list(self.batch.rows))
-        plan = self._plan_prefill()
-        for seq, chunk, sample in plan:
-            segments.append(Segment(seq.kv.cache, [seq.num_cached], [chunk], [sample]))
-            owners.append([seq])
-        if not segments:
-            return StepResult([], None)
-        logits, rows, computed, useful = shaped_forward(self.model, segments)
-        self.batch.advance(decode)
-        for seq, chunk, _ in plan:
-            seq.num_cached += len(chunk)
-        self.account(computed, useful)
-        return StepResult([owners[i][b] for i, b in rows], logits if rows else None)
+        plan = Plan()
+        if len(self.batch):
+            decode = [s.uncached_tokens() for s in self.batch.rows]  # one token per row
+            plan.segments.append(self.batch.segment(decode, [True] * len(decode)))
+        for seq, chunk, sample in self._plan_prefill():
+            plan.segments.append(Segment(seq.kv, [seq.num_cached], [chunk], [sample], [seq]))
+        return plan

@@ -3,15 +3,16 @@
 Each iteration flattens the new tokens of every running request (one per decode,
 the whole prompt for a joining request) into one sequence for the token-wise
 layers, and runs attention per request on its own KV cache, reserved at admission
-for the request's maximum length (prompt + max_tokens).
+for the request's maximum length (prompt + max_tokens). Here that is one segment
+per request over a one-row cache allocated whole: the same layout and attention
+path as every other policy, so the comparison measures scheduling only.
 """
 from __future__ import annotations
 
-import torch
-
-from ..kv import KVBudgetExceeded, RequestKV, SelectiveAttention
+from ..cache import KVBudgetExceeded, ShapedKV
 from ..sequence import Sequence, Status
-from .base import Policy, StepResult
+from .base import Policy
+from .plan import Plan, Segment
 
 
 class OrcaPolicy(Policy):
@@ -31,7 +32,7 @@ class OrcaPolicy(Policy):
     def _free(self, seq: Sequence) -> None:
         if seq in self.running:
             self.running.remove(seq)
-        if isinstance(seq.kv, RequestKV):
+        if isinstance(seq.kv, ShapedKV):
             seq.kv.release()
             seq.kv = None
 
@@ -39,27 +40,13 @@ class OrcaPolicy(Policy):
         while self.waiting and len(self.running) < self.max_num_seqs:
             seq = self.waiting[0]
             try:
-                seq.kv = RequestKV(self.cfg, self.kv_dtype, self.model.device, self.budget, seq.max_len)
+                seq.kv = ShapedKV(self.spec, self.budget, rows=1, width=seq.max_len)
             except KVBudgetExceeded:
                 return
             self.waiting.pop(0)
             seq.status = Status.RUNNING
             self.running.append(seq)
 
-    def step(self) -> StepResult:
+    def schedule(self) -> Plan:
         self._admit()
-        if not self.running:
-            return StepResult([], None)
-        device = self.model.device
-        tokens = [s.uncached_tokens() for s in self.running]
-        counts = [len(t) for t in tokens]
-        pasts = [s.num_cached for s in self.running]
-        ids = torch.tensor([t for ts in tokens for t in ts], device=device).view(1, -1)
-        pos = torch.tensor([p + i for p, n in zip(pasts, counts) for i in range(n)], device=device).view(1, -1)
-        last = torch.tensor(counts, device=device).cumsum(0) - 1
-        ctx = SelectiveAttention([s.kv for s in self.running], pasts, counts, self.cfg.head_dim, device)
-        logits = self.model(ids, pos, ctx, (torch.zeros_like(last), last))
-        for s, n in zip(self.running, counts):
-            s.num_cached += n
-        self.account(sum(counts), sum(counts))
-        return StepResult(list(self.running), logits)
+        return Plan([Segment(s.kv, [s.num_cached], [s.uncached_tokens()], [True], [s]) for s in self.running])

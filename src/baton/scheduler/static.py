@@ -8,7 +8,8 @@ computed as padding (idle computation), and arrivals wait for the next batch.
 from __future__ import annotations
 
 from ..sequence import Sequence
-from .base import Policy, ShapedBatch, StepResult
+from .base import Policy, ShapedBatch
+from .plan import Plan
 
 
 class StaticPolicy(Policy):
@@ -16,7 +17,7 @@ class StaticPolicy(Policy):
 
     def __init__(self, *args, **kwargs):
         super().__init__(*args, **kwargs)
-        self.batch = ShapedBatch(self.cfg, self.kv_dtype, self.model.device, self.budget, self.max_num_seqs)
+        self.batch = ShapedBatch(self.spec, self.budget, self.max_num_seqs)
 
     @property
     def num_running(self) -> int:
@@ -39,13 +40,11 @@ class StaticPolicy(Policy):
         while self.waiting and len(self.batch) < self.max_num_seqs and self.batch.can_admit(self.waiting[0]):
             self.batch.admit(self.waiting.pop(0))
 
-    def step(self) -> StepResult:
+    def schedule(self) -> Plan:
         if not self.batch.rows:
             self._form_batch()
         if not self.batch.rows:
-            return StepResult([], None)
+            return Plan()
         # Finished rows feed nothing but are still computed (as padding) until the batch ends.
         tokens = [[] if s.is_finished else s.uncached_tokens() for s in self.batch.rows]
-        logits, seqs, computed, useful = self.batch.forward(self.model, tokens, [bool(t) for t in tokens])
-        self.account(computed, useful)
-        return StepResult(seqs, logits)
+        return Plan([self.batch.segment(tokens, [bool(t) for t in tokens])])

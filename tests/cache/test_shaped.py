@@ -5,15 +5,14 @@ import pytest
 import torch
 
 from baton import SamplingParams
-from baton.kv import WIDTH_ALIGN, KVBudget, ShapedKV, slot_bytes
-from baton.models.llama import ModelConfig
+from baton.cache import KVBudget, KVSpec, ShapedKV
+from baton.cache.shaped import WIDTH_ALIGN
 from baton.scheduler.base import ShapedBatch
 from baton.sequence import Sequence
 from testutil import make_engine
 
-CFG = ModelConfig(vocab_size=32, hidden_size=16, intermediate_size=32, num_layers=2, num_heads=2,
-                  num_kv_heads=1, head_dim=8)
-SLOT = slot_bytes(CFG, torch.float32)
+SPEC = KVSpec(num_layers=2, num_kv_heads=1, head_dim=8, dtype=torch.float32, device=torch.device("cpu"))
+SLOT = SPEC.slot_bytes
 
 
 def seq(prompt_len: int, max_tokens: int, cached: int | None = None) -> Sequence:
@@ -36,7 +35,7 @@ def row_equals(cache: ShapedKV, row: int, length: int, value: float) -> bool:
 
 
 def test_insert_into_wider_and_narrower_batch_keeps_rows_in_place():
-    batch = ShapedBatch(CFG, torch.float32, "cpu", KVBudget(1 << 24), max_rows=4)
+    batch = ShapedBatch(SPEC, KVBudget(1 << 24), max_rows=4)
     a = seq(10, 5)
     assert batch.can_admit(a)
     batch.admit(a)
@@ -60,7 +59,7 @@ def test_insert_into_wider_and_narrower_batch_keeps_rows_in_place():
 
 
 def test_remove_moves_last_row_and_row_is_reused():
-    batch = ShapedBatch(CFG, torch.float32, "cpu", KVBudget(1 << 24), max_rows=3)
+    batch = ShapedBatch(SPEC, KVBudget(1 << 24), max_rows=3)
     seqs = [seq(8 + i, 4) for i in range(3)]
     for i, s in enumerate(seqs):
         assert batch.can_admit(s)
@@ -76,7 +75,7 @@ def test_remove_moves_last_row_and_row_is_reused():
 
 
 def test_width_tracks_longest_live_query_after_it_leaves():
-    batch = ShapedBatch(CFG, torch.float32, "cpu", KVBudget(1 << 26), max_rows=4)
+    batch = ShapedBatch(SPEC, KVBudget(1 << 26), max_rows=4)
     short, long = seq(10, 10), seq(900, 100)
     for s in (short, long):
         assert batch.can_admit(s)
@@ -91,7 +90,7 @@ def test_width_tracks_longest_live_query_after_it_leaves():
 def test_budget_is_never_exceeded_and_refusal_allocates_nothing():
     limit = 3 * 64 * SLOT
     budget = KVBudget(limit)
-    batch = ShapedBatch(CFG, torch.float32, "cpu", budget, max_rows=8)
+    batch = ShapedBatch(SPEC, budget, max_rows=8)
     admitted = 0
     for _ in range(8):
         s = seq(40, 24)
@@ -127,10 +126,9 @@ def test_no_reallocation_per_decode_step(tiny_llama):
 def test_memory_budget_holds_at_every_step(tiny_llama, policy):
     """Invariant 3: with a budget far below the burst's needs, every query still
     completes, exactly once, and KV in use never exceeds the budget."""
-    from baton.kv import slot_bytes
     from testutil import load_cached
 
-    slot = slot_bytes(load_cached(tiny_llama)[0].cfg, torch.float32)
+    slot = KVSpec.of(load_cached(tiny_llama)[0].cfg, torch.float32, "cpu").slot_bytes
     engine = make_engine(tiny_llama, policy=policy, max_num_seqs=8, kv_cache_bytes=240 * slot)
     for i in range(12):
         engine.add_request(str(i), list(range(1, 30 + 3 * i)), SamplingParams(max_tokens=20, temperature=0,
@@ -144,7 +142,7 @@ def test_memory_budget_holds_at_every_step(tiny_llama, policy):
 
 
 def test_rows_shrink_when_the_batch_empties_out():
-    batch = ShapedBatch(CFG, torch.float32, "cpu", KVBudget(1 << 26), max_rows=16)
+    batch = ShapedBatch(SPEC, KVBudget(1 << 26), max_rows=16)
     seqs = [seq(10, 10) for _ in range(16)]
     for s in seqs:
         assert batch.can_admit(s)
@@ -161,7 +159,7 @@ def test_fit_to_live_rows_gives_back_free_rows_and_columns_keeping_data():
     columns reserved beyond the live queries' final lengths go at once; the live
     rows keep their KV."""
     budget = KVBudget(1 << 26)
-    batch = ShapedBatch(CFG, torch.float32, "cpu", budget, max_rows=16)
+    batch = ShapedBatch(SPEC, budget, max_rows=16)
     seqs = [seq(10, 10), seq(20, 100), seq(12, 10)] + [seq(10, 10) for _ in range(5)]
     for s in seqs:
         assert batch.can_admit(s)
@@ -191,7 +189,7 @@ def test_columns_are_allocated_as_queries_lengthen():
     """Reserve-on-admit commits a row's final length; the tensors only grow as the
     tokens arrive, so allocated memory follows live tokens, within the reservation."""
     budget = KVBudget(1 << 26)
-    batch = ShapedBatch(CFG, torch.float32, "cpu", budget, max_rows=2)
+    batch = ShapedBatch(SPEC, budget, max_rows=2)
     s = seq(10, 500)
     assert batch.can_admit(s)
     batch.admit(s)
@@ -210,7 +208,8 @@ def test_columns_are_allocated_as_queries_lengthen():
 def test_shape_buckets_are_few_and_tight():
     # Forwards are padded to shape_bucket token counts and bf16 attention to width_bucket
     # widths, so the GEMM shapes oneDNN keeps state for stay a small, fixed set.
-    from baton.kv import shape_bucket, width_bucket
+    from baton.attention import width_bucket
+    from baton.runner import shape_bucket
 
     for bucket, worst in ((shape_bucket, 1.07), (width_bucket, 1.25)):
         sizes = [bucket(n) for n in range(1, 2049)]

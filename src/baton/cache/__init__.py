@@ -1,0 +1,5 @@
+"""KV memory: the byte budget and the vector-shaped layout."""
+from .budget import KVBudget, KVBudgetExceeded, KVSpec, resolve_kv_dtype
+from .shaped import ShapedKV
+
+__all__ = ["KVBudget", "KVBudgetExceeded", "KVSpec", "ShapedKV", "resolve_kv_dtype"]

@@ -1,0 +1,46 @@
+"""Device-specific choices, behind one interface the engine, the model runner
+and the loader call: `cpu.py` and `cuda.py` hold the details."""
+from __future__ import annotations
+
+from typing import Optional, Union
+
+import torch
+
+from . import cpu, cuda
+
+Device = Union[str, torch.device]
+
+
+def resolve_device(device: Device) -> torch.device:
+    """The device, checked: a clear error when CUDA is asked for and absent."""
+    device = torch.device(device)
+    if device.type == "cuda":
+        cuda.check_available(device)
+    elif device.type != "cpu":
+        raise ValueError(f"device must be cpu or cuda[:N]; got {str(device)!r}")
+    return device
+
+
+def configure(device: Device, num_threads: Optional[int] = None) -> None:
+    """Process setup where an engine starts (see cpu.configure_process)."""
+    cpu.configure_process(num_threads)
+
+
+def prepare_model(model, int4_parts: Optional[dict] = None, prepack: bool = True) -> dict:
+    """Install the device's kernels on a loaded model's linear layers."""
+    if model.device.type == "cpu":
+        return cpu.prepare_model(model, int4_parts, prepack)
+    return {"prepacked": 0, "int4": 0}
+
+
+def available_memory(device: Device) -> int:
+    device = torch.device(device)
+    return cuda.available_memory(device) if device.type == "cuda" else cpu.available_memory()
+
+
+def upcast_attention(B: int, T: int, W: int, device: torch.device) -> bool:
+    return device.type == "cpu" and cpu.upcast_attention(B, T, W)
+
+
+def greedy_argmax(logits: torch.Tensor) -> torch.Tensor:
+    return cpu.greedy_argmax(logits) if logits.device.type == "cpu" else logits.argmax(dim=-1)
