@@ -4,50 +4,7 @@ from __future__ import annotations
 import argparse
 import sys
 
-
-def add_engine_args(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--model", default=None, help="HF model directory or .gguf file (default: SmolLM2-135M-Instruct)")
-    p.add_argument("--policy", default="baton-pd", choices=["static", "orca", "baton", "baton-pd"])
-    p.add_argument("--dtype", default="auto",
-                   help="auto (bfloat16 where the CPU computes it natively, else float32), float32 or bfloat16. "
-                        "In bfloat16, greedy output can depend on which other requests share the batch (the "
-                        "kernels round differently per batch shape: 16 of 32 prompts differed alone vs batched in "
-                        "one measurement); float32 output does not")
-    p.add_argument("--device", default="cpu", help="cpu or cuda")
-    p.add_argument("--max-num-seqs", type=int, default=32)
-    p.add_argument("--max-model-len", type=int, default=None)
-    p.add_argument("--kv-cache-bytes", type=int, default=None)
-    p.add_argument("--kv-cache-dtype", default="auto", choices=["auto", "float32", "bfloat16", "float16"],
-                   help="auto: the model's dtype")
-    p.add_argument("--max-prefill-tokens", type=int, default=1024,
-                   help="prompt tokens prefilled per iteration; longer prompts are chunked (stall-free decode)")
-    p.add_argument("--pool-size", type=int, default=4, help="baton-pd: prefilled queries kept ready")
-    p.add_argument("--max-preemptions", type=int, default=2,
-                   help="baton-pd: how often one query may be preempted by higher-priority ones (0: never)")
-    p.add_argument("--num-threads", type=int, default=None)
-
-
-def engine_kwargs(args) -> dict:
-    return dict(model=args.model, policy=args.policy, dtype=args.dtype, device=args.device,
-                max_num_seqs=args.max_num_seqs, max_model_len=args.max_model_len,
-                kv_cache_bytes=args.kv_cache_bytes, kv_cache_dtype=args.kv_cache_dtype,
-                max_prefill_tokens=args.max_prefill_tokens,
-                pool_size=args.pool_size, max_preemptions=args.max_preemptions, num_threads=args.num_threads)
-
-
-def add_sampling_args(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--max-tokens", type=int, default=128)
-    p.add_argument("--temperature", type=float, default=0.7)
-    p.add_argument("--top-p", type=float, default=0.95)
-    p.add_argument("--top-k", type=int, default=0)
-    p.add_argument("--seed", type=int, default=None)
-
-
-def sampling_params(args):
-    from .sampling import SamplingParams
-
-    return SamplingParams(max_tokens=args.max_tokens, temperature=args.temperature, top_p=args.top_p,
-                          top_k=args.top_k, seed=args.seed)
+from .cli_args import add_engine_args, add_sampling_args, engine_kwargs, sampling_params
 
 
 def stream(engine, prompt, params) -> str:

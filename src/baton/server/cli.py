@@ -8,7 +8,7 @@ import sys
 
 
 def add_parser(subparsers) -> argparse.ArgumentParser:
-    from ..cli import add_engine_args
+    from ..cli_args import add_engine_args
     from .connection import DEFAULT_HEADER_TIMEOUT, DEFAULT_MAX_CONNECTIONS
     from .middleware import DEFAULT_BODY_TIMEOUT, DEFAULT_MAX_REQUEST_BYTES
 
@@ -63,7 +63,7 @@ def _check_flags(args) -> None:
 
 
 def cmd_serve(args) -> int:
-    from ..cli import engine_kwargs
+    from ..cli_args import engine_kwargs
     from ..engine import EngineConfig, LLMEngine
     from .app import BatonServer, bind_socket, create_app, server_config
 
