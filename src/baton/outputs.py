@@ -51,7 +51,10 @@ class RequestState:
     @property
     def text(self) -> str:
         """The text emitted so far (what the deltas add up to)."""
-        return self.detok.text[: self.emitted] if self.detok else ""
+        if not self.detok:
+            return ""
+        text = self.detok.text
+        return text if self.emitted == len(text) else text[: self.emitted]
 
     def _held(self, text: str) -> int:
         """Characters at the end of `text` that could start a stop string."""

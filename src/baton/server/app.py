@@ -182,23 +182,6 @@ async def _collect(state: ServerState, stream: RequestStream, request: Request) 
             state.async_engine.abort(stream.request_id)
 
 
-class _TextStreamer:
-    """Turns the engine's growing text into deltas, holding back the last
-    (longest stop string - 1) characters while the request runs, so a stop
-    string split across tokens is never streamed."""
-
-    def __init__(self, stop: Union[str, list, None]):
-        stops = [stop] if isinstance(stop, str) else list(stop or [])
-        self.holdback = max((len(s) for s in stops), default=1) - 1
-        self.sent = 0
-
-    def delta(self, ev: StreamEvent) -> str:
-        end = len(ev.text) if ev.finished else max(self.sent, len(ev.text) - self.holdback)
-        out = ev.text[self.sent:end]
-        self.sent = max(self.sent, end)
-        return out
-
-
 class _SSEResponse(StreamingResponse):
     """Server-sent events whose request is aborted whenever the response ends
     without finishing it: client disconnect (Starlette cancels the body
@@ -216,7 +199,7 @@ class _SSEResponse(StreamingResponse):
             self.on_close()
 
 
-def _stream_response(state: ServerState, request: Request, stream: RequestStream, rid: str, stop,
+def _stream_response(state: ServerState, request: Request, stream: RequestStream, rid: str,
                      include_usage: bool, build, header: dict) -> _SSEResponse:
     """The SSE body of a streamed completion or chat request: `build(event, text
     delta)` makes the endpoint's chunk for an engine event (or None to send
@@ -226,7 +209,6 @@ def _stream_response(state: ServerState, request: Request, stream: RequestStream
 
     async def gen():
         finished = False
-        streamer = _TextStreamer(stop)
         last = None
         try:
             async for ev in stream:
@@ -235,7 +217,7 @@ def _stream_response(state: ServerState, request: Request, stream: RequestStream
                     yield _sse(error_body(ev.error, "server_error", None, "engine_error"))
                     finished = True
                     break
-                c = build(ev, streamer.delta(ev))
+                c = build(ev, ev.new_text)  # the engine holds back any text that could start a stop string
                 if c is not None:
                     if include_usage:
                         c["usage"] = None
@@ -407,7 +389,7 @@ def create_app(engine, served_model_name: Union[str, list[str], None] = None, ap
                     return chunk(delta, ev.finish_reason if ev.finished else None, lp)
                 return None
 
-            return _stream_response(state, request, stream, rid, kw.get("stop"), req.include_usage, build,
+            return _stream_response(state, request, stream, rid, req.include_usage, build,
                                     {"id": rid, "object": "text_completion", "created": created,
                                      "model": model_name})
 
@@ -472,7 +454,7 @@ def create_app(engine, served_model_name: Union[str, list[str], None] = None, ap
                     first = False
                 return chunk(d, ev.finish_reason if ev.finished else None, lp)
 
-            return _stream_response(state, request, stream, rid, kw.get("stop"), req.include_usage, build,
+            return _stream_response(state, request, stream, rid, req.include_usage, build,
                                     {"id": rid, "object": "chat.completion.chunk", "created": created,
                                      "model": model_name})
 
