@@ -1,9 +1,21 @@
 """Shared fixtures (helpers live in testutil.py, importable from any test folder)."""
 from __future__ import annotations
 
+import os
+
 import pytest
 
 from testutil import make_tiny_model
+
+
+def pytest_addoption(parser):
+    parser.addoption("--device", default=os.environ.get("BATON_TEST_DEVICE", "cpu"),
+                     help="device for the engine in tests that build one through testutil (cpu or cuda); "
+                          "the HF references stay on the CPU")
+
+
+def pytest_configure(config):
+    os.environ["BATON_TEST_DEVICE"] = config.getoption("--device")
 
 
 @pytest.fixture(scope="session")

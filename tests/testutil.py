@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import functools
+import os
 import random
 
 import torch
@@ -32,12 +33,17 @@ def make_tiny_model(path, arch: str = "llama", seed: int = 0, **overrides) -> st
     return str(path)
 
 
+def test_device() -> str:
+    """The engine's device in tests (pytest --device, default cpu)."""
+    return os.environ.get("BATON_TEST_DEVICE", "cpu")
+
+
 @functools.lru_cache(maxsize=None)
 def load_cached(path: str, dtype: str = "float32", model_impl: str = "auto"):
     from baton.models.loader import load_model
     from baton.tokenizer import load_tokenizer
 
-    model, cfg = load_model(path, dtype, model_impl=model_impl)
+    model, cfg = load_model(path, dtype, test_device(), model_impl=model_impl)
     return model, load_tokenizer(path, cfg.eos_token_ids)
 
 
@@ -47,6 +53,7 @@ def make_engine(path: str, dtype: str = "float32", **kwargs):
 
     model, tok = load_cached(path, dtype, kwargs.get("model_impl", "auto"))
     kwargs.setdefault("kv_cache_bytes", 1 << 30)
+    kwargs.setdefault("device", test_device())
     return LLMEngine(EngineConfig(model=path, dtype=dtype, **kwargs), model=model, tokenizer=tok)
 
 
@@ -64,7 +71,7 @@ def baton_logits(model, ids: list[int], n_decode: int, next_ids: list[int]):
     out = [runner.execute(Plan([Segment(cache, [0], [ids], [True], [owner])])).logits[0]]
     for i, t in enumerate(next_ids):
         out.append(runner.execute(Plan([Segment(cache, [len(ids) + i], [[t]], [True], [owner])])).logits[0])
-    return torch.stack(out).float()
+    return torch.stack(out).float().cpu()
 
 
 # ---------------------------------------------------------------- re-batching invariance

@@ -67,6 +67,7 @@ class EngineConfig:
             raise ValueError(f"pool_size must be >= 1; got {self.pool_size}")
         if self.max_preemptions < 0:
             raise ValueError(f"max_preemptions must be >= 0; got {self.max_preemptions}")
+        platform.resolve_device(self.device)  # raises when the device is not here
         if self.model_impl not in MODEL_IMPLS:
             raise ValueError(f"model_impl must be one of {', '.join(MODEL_IMPLS)}; got {self.model_impl!r}")
         resolve_kv_dtype(self.kv_cache_dtype, torch.float32)  # raises on a bad name

@@ -92,6 +92,8 @@ class ModelRunner:
         try:
             # Runs even when no row wants logits: a prefill chunk still writes its KV.
             logits = self.model(ids.to(device), pos.to(device), ctx, index)
+            if device.type == "cuda":
+                torch.cuda.synchronize(device)  # so the time is the forward's, not its launch
         finally:
             self.seconds += time.perf_counter() - t0
         return StepOutput(logits if flat_idx else None, computed)

@@ -164,16 +164,18 @@ def run_perf(loaded, batches: Iterable[int] = (1, 8, 32), prompt_len: int = 64, 
             bar.update(1)
     set_int4(model, True)
     bar.close()
-    profiles = [profile_split(model, tok, b) for b in (batches[0], batches[-1])]
-    roof = roof or roofline.measure(model, batches=batches)
-    ceilings = {g["batch"]: g["gemm_ceiling_tok_s"] for g in roof["gemm"]}
+    on_cpu = model.device.type == "cpu"  # the profile split and the roofline are CPU measurements
+    profiles = [profile_split(model, tok, b) for b in (batches[0], batches[-1])] if on_cpu else []
+    roof = roof or (roofline.measure(model, batches=batches) if on_cpu else None)
+    ceilings = {g["batch"]: g["gemm_ceiling_tok_s"] for g in roof["gemm"]} if roof else {}
     best = rows[variants[0][0]]
     hf, hf_same = rows.get(HF_SHIPPED), rows.get(HF_SAME_KERNELS)
     ratios = {}
     for i, b in enumerate(batches):
         r = best[i]
         entry = {"decode_share_of_gemm_ceiling": r["decode_tok_s"] / ceilings[b] if b in ceilings else None,
-                 "decode_share_of_bandwidth_floor_bf16": r["decode_tok_s"] / (b * roof["bandwidth_ceiling_tok_s_per_row"]),
+                 "decode_share_of_bandwidth_floor_bf16": r["decode_tok_s"] / (b * roof["bandwidth_ceiling_tok_s_per_row"])
+                 if roof else None,
                  "decode_vs_llama_cpp_bf16": r["decode_tok_s"] / LLAMA_CPP_DECODE_BF16[b]
                  if b in LLAMA_CPP_DECODE_BF16 else None}
         if hf:
@@ -242,9 +244,11 @@ def cmd_perf(args) -> int:
 
     if args.num_threads:
         torch.set_num_threads(args.num_threads)
-    loaded = load_for_bench(args.model, args.dtype)
+    loaded = load_for_bench(args.model, args.dtype, args.device)
     hf = {}
-    if not args.no_hf:
+    if not args.no_hf and loaded.model.device.type != "cpu":
+        print("perf: the HF transformers baselines run on the CPU only; skipped on", loaded.model.device)
+    elif not args.no_hf:
         hf[HF_SHIPPED] = load_hf_model(loaded.path, loaded.dtype)
         hf[HF_SAME_KERNELS] = load_hf_model(loaded.path, loaded.dtype)
         prepack_foreign_linears(hf[HF_SAME_KERNELS])
@@ -268,6 +272,7 @@ def add_parser(subparsers) -> None:
     p.add_argument("--dtype", default="auto")
     p.add_argument("--quick", action="store_true")
     p.add_argument("--no-hf", action="store_true", help="skip the HF transformers baseline")
+    p.add_argument("--device", default="cpu", help="cpu or cuda (on cuda: no HF baseline, profile or roofline)")
     p.add_argument("--num-threads", type=int, default=None)
     p.add_argument("--out", default="benchmarks/results/perf")
     p.set_defaults(func=cmd_perf)

@@ -37,12 +37,12 @@ class Loaded:
     dtype: torch.dtype
 
 
-def load_for_bench(model_path: Optional[str], dtype: str = "auto") -> Loaded:
+def load_for_bench(model_path: Optional[str], dtype: str = "auto", device: str = "cpu") -> Loaded:
     from ..models.loader import default_model_path, load_model
     from ..tokenizer import load_tokenizer
 
     path = model_path or default_model_path()
-    model, cfg = load_model(path, dtype)
+    model, cfg = load_model(path, dtype, device)
     tok = load_tokenizer(path, cfg.eos_token_ids)
     return Loaded(model, cfg, tok, str(path), model.dtype)
 

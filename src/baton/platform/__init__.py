@@ -13,7 +13,10 @@ Device = Union[str, torch.device]
 
 def resolve_device(device: Device) -> torch.device:
     """The device, checked: a clear error when CUDA is asked for and absent."""
-    device = torch.device(device)
+    try:
+        device = torch.device(device)
+    except (RuntimeError, TypeError):
+        raise ValueError(f"device must be cpu or cuda[:N]; got {device!r}") from None
     if device.type == "cuda":
         cuda.check_available(device)
     elif device.type != "cpu":
