@@ -87,7 +87,9 @@ def test_unknown_model_path_and_corrupt_gguf(tmp_path):
         load_model(str(notgguf))
     (tmp_path / "d").mkdir()
     (tmp_path / "d" / "config.json").write_text('{"model_type": "gpt2"}')
-    with pytest.raises(ModelLoadError, match="supported: llama, mistral, qwen2"):
+    with pytest.raises(ModelLoadError, match="no native implementation of architecture 'gpt2'.*native: .*llama"):
+        load_model(str(tmp_path / "d"), model_impl="native")
+    with pytest.raises(ModelLoadError, match="gpt2"):  # auto: the transformers backend, which finds no weights
         load_model(str(tmp_path / "d"))
 
 
