@@ -143,7 +143,7 @@ class ShapedAttention:
             kc[self.dst[0], :, self.dst[1]] = k[self.src]
             vc[self.dst[0], :, self.dst[1]] = v[self.src]
         W = self.W
-        return attention_over_cache(q, kc[: self.B, :, :W], vc[: self.B, :, :W], self.mask(window)[..., :W],
+        return attention_over_cache(q, kc[: self.B, :, :W], vc[: self.B, :, :W], self.mask(window),
                                     layer.scale, layer.softcap)
 
 
