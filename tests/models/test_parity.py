@@ -75,3 +75,21 @@ def test_bf16_close_to_fp32(tiny_llama):
     a, b = baton_logits(m32, ids, 1, [7]), baton_logits(m16, ids, 1, [7])
     rel = ((a - b).abs().max() / a.abs().max()).item()
     assert rel < 0.05, rel
+
+
+def test_llama_attention_bias_includes_o_proj(tmp_path):
+    """HF Llama's attention_bias puts a bias on q, k, v and o: all four are loaded."""
+    import transformers
+
+    from testutil import make_tiny_model
+
+    path = make_tiny_model(tmp_path, "llama", attention_bias=True)
+    hf = transformers.AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32).eval()
+    with torch.no_grad():
+        for layer in hf.model.layers:
+            layer.self_attn.o_proj.bias.normal_(0, 0.5)  # HF initialises biases to zero
+    hf.save_pretrained(path)
+    model, cfg = load_model(path, "float32", test_device())
+    ids = list(range(3, 40))
+    diff = (baton_logits(model, ids, 2, [5, 9]) - hf_logits(hf, ids, [5, 9])).abs().max().item()
+    assert diff < 1e-4, diff

@@ -26,7 +26,8 @@ class Attention(nn.Module):
         q_out, kv_out = self.n_heads * self.head_dim, self.n_kv * self.head_dim
         # Fused QKV: one GEMM instead of three small ones.
         self.qkv = Linear(cfg.hidden_size, q_out + 2 * kv_out, bias=cfg.attention_bias)
-        self.o = Linear(q_out, cfg.hidden_size, bias=False)
+        # HF Llama puts a bias on o_proj too when attention_bias is set; Qwen2 does not.
+        self.o = Linear(q_out, cfg.hidden_size, bias=cfg.extra.get("o_proj_bias", False))
 
     def forward(self, x, cos, sin, ctx: AttentionContext):
         B, T, _ = x.shape
@@ -108,7 +109,8 @@ def config_from_hf(d: dict) -> ModelConfig:
         tie_word_embeddings=d.get("tie_word_embeddings", False),
         attention_bias=d.get("attention_bias", arch == "qwen2"), architecture=arch,
         bos_token_id=d.get("bos_token_id"), eos_token_ids=hf_eos(d), sliding_windows=windows,
-        hidden_act=d.get("hidden_act", "silu"))
+        hidden_act=d.get("hidden_act", "silu"),
+        extra={"o_proj_bias": arch == "llama" and bool(d.get("attention_bias", False))})
 
 
 def config_from_gguf(g, arch: str) -> ModelConfig:
@@ -128,7 +130,8 @@ def config_from_gguf(g, arch: str) -> ModelConfig:
         tie_word_embeddings="output.weight" not in g.tensor_names,
         attention_bias="blk.0.attn_q.bias" in g.tensor_names, architecture=arch,
         bos_token_id=g.meta("tokenizer.ggml.bos_token_id"), eos_token_ids=g.eos_token_ids(),
-        sliding_windows=[window] * layers if window else [])
+        sliding_windows=[window] * layers if window else [],
+        extra={"o_proj_bias": "blk.0.attn_output.bias" in g.tensor_names})
 
 
 def hf_weight_map(cfg: ModelConfig) -> dict[str, list[str]]:
@@ -144,6 +147,8 @@ def hf_weight_map(cfg: ModelConfig) -> dict[str, list[str]]:
         if cfg.attention_bias:
             m[o + "attn.qkv.bias"] = [p + f"self_attn.{x}_proj.bias" for x in "qkv"]
         m[o + "attn.o.weight"] = [p + "self_attn.o_proj.weight"]
+        if cfg.extra.get("o_proj_bias"):
+            m[o + "attn.o.bias"] = [p + "self_attn.o_proj.bias"]
         m[o + "mlp.gate_up.weight"] = [p + "mlp.gate_proj.weight", p + "mlp.up_proj.weight"]
         m[o + "mlp.down.weight"] = [p + "mlp.down_proj.weight"]
     return m
@@ -164,6 +169,7 @@ GGUF_NAMES = {
     "attn_k.bias": "self_attn.k_proj.bias",
     "attn_v.bias": "self_attn.v_proj.bias",
     "attn_output.weight": "self_attn.o_proj.weight",
+    "attn_output.bias": "self_attn.o_proj.bias",
     "ffn_gate.weight": "mlp.gate_proj.weight",
     "ffn_up.weight": "mlp.up_proj.weight",
     "ffn_down.weight": "mlp.down_proj.weight",
