@@ -33,7 +33,7 @@ def make_tiny_model(path, arch: str = "llama", seed: int = 0, **overrides) -> st
     return str(path)
 
 
-def test_device() -> str:
+def engine_device() -> str:
     """The engine's device in tests (pytest --device, default cpu)."""
     return os.environ.get("BATON_TEST_DEVICE", "cpu")
 
@@ -43,7 +43,7 @@ def load_cached(path: str, dtype: str = "float32", model_impl: str = "auto"):
     from baton.models.loader import load_model
     from baton.tokenizer import load_tokenizer
 
-    model, cfg = load_model(path, dtype, test_device(), model_impl=model_impl)
+    model, cfg = load_model(path, dtype, engine_device(), model_impl=model_impl)
     return model, load_tokenizer(path, cfg.eos_token_ids)
 
 
@@ -53,7 +53,7 @@ def make_engine(path: str, dtype: str = "float32", **kwargs):
 
     model, tok = load_cached(path, dtype, kwargs.get("model_impl", "auto"))
     kwargs.setdefault("kv_cache_bytes", 1 << 30)
-    kwargs.setdefault("device", test_device())
+    kwargs.setdefault("device", engine_device())
     return LLMEngine(EngineConfig(model=path, dtype=dtype, **kwargs), model=model, tokenizer=tok)
 
 

@@ -7,7 +7,7 @@ import pytest
 import torch
 
 from baton.models.loader import load_model
-from testutil import baton_logits, test_device
+from testutil import baton_logits, engine_device
 
 
 def hf_logits(hf, ids: list[int], next_ids: list[int]):
@@ -23,7 +23,7 @@ def test_tiny_parity_with_hf(arch, tiny_llama, tiny_qwen2):
 
     path = tiny_llama if arch == "llama" else tiny_qwen2
     hf = transformers.AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32).eval()
-    model, cfg = load_model(path, "float32", test_device())
+    model, cfg = load_model(path, "float32", engine_device())
     assert cfg.attention_bias == (arch == "qwen2")
     g = torch.Generator().manual_seed(1)
     ids = torch.randint(0, cfg.vocab_size, (37,), generator=g).tolist()
@@ -43,7 +43,7 @@ def test_llama3_rope_scaling_and_tied_embeddings(tmp_path):
                            rope_scaling={"rope_type": "llama3", "factor": 8.0, "low_freq_factor": 1.0,
                                          "high_freq_factor": 4.0, "original_max_position_embeddings": 64})
     hf = transformers.AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32).eval()
-    model, cfg = load_model(path, "float32", test_device())
+    model, cfg = load_model(path, "float32", engine_device())
     assert cfg.tie_word_embeddings and model.lm_head.weight is model.embed.weight
     ids = list(range(3, 200, 2))
     diff = (baton_logits(model, ids, 1, [5]) - hf_logits(hf, ids, [5])).abs().max().item()
@@ -89,7 +89,7 @@ def test_llama_attention_bias_includes_o_proj(tmp_path):
         for layer in hf.model.layers:
             layer.self_attn.o_proj.bias.normal_(0, 0.5)  # HF initialises biases to zero
     hf.save_pretrained(path)
-    model, cfg = load_model(path, "float32", test_device())
+    model, cfg = load_model(path, "float32", engine_device())
     ids = list(range(3, 40))
     diff = (baton_logits(model, ids, 2, [5, 9]) - hf_logits(hf, ids, [5, 9])).abs().max().item()
     assert diff < 1e-4, diff

@@ -269,10 +269,10 @@ def add_parser(subparsers) -> argparse.ArgumentParser:
     p.set_defaults(func=cmd_paper)
 
     # Other benchmark modules of this package register their own subcommands
-    # (`baton bench beyond`, `baton bench perf`) when they are present.
+    # (`baton bench beyond`, `baton bench perf`, `baton bench impls`) when they are present.
     import importlib
 
-    for name in ("beyond", "perf"):
+    for name in ("beyond", "perf", "impls"):
         try:
             mod = importlib.import_module(f"{__package__}.{name}")
             if hasattr(mod, "add_parser"):
