@@ -1,4 +1,4 @@
-"""`baton bench throughput | serve | paper`."""
+"""`baton bench throughput | serve | paper | perf | beyond | impls`."""
 from __future__ import annotations
 
 import argparse
