@@ -6,6 +6,7 @@ the vocabulary, merges and chat template stored in a GGUF file's metadata.
 from __future__ import annotations
 
 import functools
+import os
 from pathlib import Path
 from typing import Optional, Sequence
 
@@ -58,16 +59,101 @@ class Tokenizer:
 
 def load_tokenizer(model_path: str, eos_token_ids: Sequence[int] = ()) -> Optional[Tokenizer]:
     """None for an HF directory without tokenizer files (prompts must then be token ids)."""
-    from transformers import AutoTokenizer
-
     p = Path(model_path)
     if p.is_dir():
+        from transformers import AutoTokenizer
+
         if not any((p / f).exists() for f in ("tokenizer.json", "tokenizer_config.json", "tokenizer.model")):
             return None
         hf = AutoTokenizer.from_pretrained(str(p))
     else:
-        hf = AutoTokenizer.from_pretrained(str(p.parent), gguf_file=p.name)
+        hf = gguf_hf_tokenizer(p)
     return Tokenizer(hf, eos_token_ids)
+
+
+# Files beside a GGUF that AutoTokenizer.from_pretrained(dir, gguf_file=...) would
+# also read (a tokenizer.json even replaces the GGUF's vocabulary): with any of
+# them there, it is called as it is, so the result is what it gives.
+_HF_TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json", "added_tokens.json",
+                       "chat_template.jinja", "chat_template.json", "additional_chat_templates", "tekken.json",
+                       "tiktoken.model", "vocab.json", "merges.txt", "vocab.txt")
+# transformers' model types whose GGUF tokenizer is built here: the class
+# AutoTokenizer picks for them (TOKENIZER_MAPPING_NAMES) is constructed directly.
+_DIRECT_MODEL_TYPES = {"llama": "llama", "qwen2": "qwen2"}
+
+
+def gguf_hf_tokenizer(p: Path):
+    """The HF tokenizer AutoTokenizer.from_pretrained(p.parent, gguf_file=p.name)
+    builds, from the metadata the model load already parsed (models/gguf.py).
+
+    AutoTokenizer reads the file twice with transformers' own readers (a config
+    through gguf.GGUFReader, 7-11 s for a 49k vocabulary on a 2-core host, then the
+    vocabulary). Here the same steps run on our parse: transformers' tables give
+    the tokenizer inputs (get_gguf_tokenizer's), its convert_gguf_tokenizer builds
+    the backend, and the class AutoTokenizer would choose is constructed with the
+    same keyword arguments (tests/models/test_gguf.py checks they agree). Any case
+    this does not cover goes to AutoTokenizer itself."""
+    names = set(os.listdir(p.parent)) if p.parent.is_dir() else set()
+    if not names.intersection(_HF_TOKENIZER_FILES) and not any(n.startswith("tokenizer.model") for n in names):
+        try:
+            from .models.gguf import GGUFError, take_header
+
+            header = take_header(p)
+        except GGUFError as e:
+            raise ValueError(str(e)) from e
+        hf = _tokenizer_from_metadata(header.metadata, p)
+        if hf is not None:
+            return hf
+    from transformers import AutoTokenizer
+
+    return AutoTokenizer.from_pretrained(str(p.parent), gguf_file=p.name)
+
+
+def _tokenizer_from_metadata(metadata: dict, p: Path):
+    """None where AutoTokenizer's choice of class is not the plain one (left to it)."""
+    try:
+        from transformers.integrations.gguf.gguf_tokenizer_mapping import (
+            _SPECIAL_TOKENS, GGUF_TOKENIZER_MAPPING, convert_gguf_tokenizer)
+        from transformers.models.auto.tokenization_auto import (
+            TOKENIZER_MAPPING_NAMES, TokenizersBackend, tokenizer_class_from_name)
+    except ImportError:  # another transformers layout: its own path
+        return None
+    architecture = metadata.get("general.architecture")
+    # load_gguf_checkpoint's model type: "llama" becomes "mistral" when general.name is exactly that.
+    if architecture == "llama" and metadata.get("general.name") == "mistral":
+        return None
+    model_type = _DIRECT_MODEL_TYPES.get(architecture)
+    if model_type is None or "tokenizer.ggml.tokens" not in metadata:
+        return None
+    class_name = TOKENIZER_MAPPING_NAMES.get(model_type)
+    cls = TokenizersBackend if class_name in (None, "TokenizersBackend") else tokenizer_class_from_name(class_name)
+    if cls is None or class_name == "MistralCommonBackend":
+        return None
+
+    # get_gguf_tokenizer(), on our metadata.
+    grouped = {group: {name: metadata[f"tokenizer.{key}"] for key, name in renames.items()
+                       if f"tokenizer.{key}" in metadata}
+               for group, renames in GGUF_TOKENIZER_MAPPING.items()}
+    tokenizer_dict, tokenizer_config = grouped["tokenizer"], grouped["tokenizer_config"]
+    tokenizer_type = tokenizer_dict.get("tokenizer_type")
+    if tokenizer_type == "llama":
+        tokenizer_config.setdefault("add_bos_token", True)
+    elif tokenizer_type == "gemma4":
+        tokenizer_config["add_bos_token"] = False
+    for name, key in _SPECIAL_TOKENS.items():
+        token_id = metadata.get(f"tokenizer.ggml.{key}")
+        tokenizer_config[name] = tokenizer_dict["tokens"][token_id] if token_id is not None else None
+
+    backend, extra = convert_gguf_tokenizer(architecture, tokenizer_dict)
+    # What from_pretrained hands the class's __init__ for a local GGUF with no
+    # tokenizer files beside it (each of the class's vocabulary files, unresolved:
+    # None, but tokenizer_file, which convert_to_native_format drops); its gguf_file
+    # branch then adds tokenizer_config and extra, as here.
+    kwargs = {name: None for name in getattr(cls, "vocab_files_names", {}) if name != "tokenizer_file"}
+    kwargs.update(name_or_path=str(p.parent), is_local=True, local_files_only=False, added_tokens_decoder={})
+    kwargs.update(tokenizer_config)
+    kwargs.update(extra)
+    return cls(tokenizer_object=backend, **kwargs)
 
 
 class IncrementalDetokenizer:

@@ -93,11 +93,11 @@ class GemmaModel(DecoderModel):
         if cfg.tie_word_embeddings:
             self.lm_head.weight = self.embed.weight
         self.final_softcap: Optional[float] = ex["final_logit_softcapping"]
-        self.rotary = Rotary(lambda: rope_inv_freq(cfg.head_dim, cfg.rope_theta, cfg.rope_scaling))
+        self.rotary = Rotary(rope_inv_freq(cfg.head_dim, cfg.rope_theta, cfg.rope_scaling))
         # Gemma 3's sliding layers rotate with their own base (and no scaling).
         self.rotary_local = None
         if any(ex["local_rope"]):
-            self.rotary_local = Rotary(lambda: rope_inv_freq(cfg.head_dim, ex["rope_local_theta"],
+            self.rotary_local = Rotary(rope_inv_freq(cfg.head_dim, ex["rope_local_theta"],
                                                              ex["rope_local_scaling"]))
         self._embed_scale: dict = {}
 

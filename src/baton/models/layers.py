@@ -140,19 +140,12 @@ def rope_inv_freq(head_dim: int, theta: float, scaling: Optional[dict] = None,
 
 class Rotary(nn.Module):
     """cos / sin tables for per-row positions ([B, T] -> [B, T, 1, D]), computed in
-    float32 each forward (positions are per row, so no table is shared by rows).
-    `make_inv_freq()` gives the inverse frequencies (called again after a meta-device
-    build, see reset_buffers)."""
+    float32 each forward (positions are per row, so no table is shared by rows)."""
 
-    def __init__(self, make_inv_freq: Callable[[], torch.Tensor], attention_factor: float = 1.0):
+    def __init__(self, inv_freq: torch.Tensor, attention_factor: float = 1.0):
         super().__init__()
-        self.make_inv_freq = make_inv_freq
         self.attention_factor = attention_factor
-        self.register_buffer("inv_freq", make_inv_freq(), persistent=False)
-
-    def reset_buffers(self) -> None:
-        with torch.device("cpu"):
-            self.inv_freq = self.make_inv_freq()
+        self.register_buffer("inv_freq", inv_freq, persistent=False)
 
     def forward(self, positions: torch.Tensor, dtype: torch.dtype):
         freqs = positions.unsqueeze(-1).float() * self.inv_freq

@@ -64,7 +64,7 @@ class LlamaModel(DecoderModel):
         self.lm_head = Linear(cfg.hidden_size, cfg.vocab_size, bias=False)
         if cfg.tie_word_embeddings:
             self.lm_head.weight = self.embed.weight
-        self.rotary = Rotary(lambda: rope_inv_freq(cfg.head_dim, cfg.rope_theta, cfg.rope_scaling))
+        self.rotary = Rotary(rope_inv_freq(cfg.head_dim, cfg.rope_theta, cfg.rope_scaling))
 
     @torch.inference_mode()
     def forward(self, input_ids: torch.Tensor, positions: torch.Tensor, ctx: AttentionContext,

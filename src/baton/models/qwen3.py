@@ -53,7 +53,7 @@ class Qwen3Model(llama.LlamaModel):
         self.lm_head = Linear(cfg.hidden_size, cfg.vocab_size, bias=False)
         if cfg.tie_word_embeddings:
             self.lm_head.weight = self.embed.weight
-        self.rotary = Rotary(lambda: rope_inv_freq(cfg.head_dim, cfg.rope_theta, cfg.rope_scaling))
+        self.rotary = Rotary(rope_inv_freq(cfg.head_dim, cfg.rope_theta, cfg.rope_scaling))
 
 
 # ---------------------------------------------------------------- checkpoints

@@ -12,6 +12,7 @@ from __future__ import annotations
 import os
 from typing import Optional
 
+import numpy as np
 import torch
 import torch.nn.functional as F
 from torch import nn
@@ -103,9 +104,14 @@ class Int4Linear:
     __slots__ = ("packed", "scales_zeros", "group", "dense", "options")
 
     def __init__(self, q, d, m, group: int, dense, options: KernelOptions):
-        self.packed = torch._convert_weight_to_int4pack_for_cpu(q.to(torch.int32).contiguous(), 8)
+        # The widening and the scale/zero layout in numpy (single-threaded): as torch
+        # ops, each of the 120 layers' few small ops paid for an OpenMP region, which
+        # cost 1.5-3 s of a model load whenever the host's other core was busy.
+        q, d, m = (np.asarray(x.detach().cpu()) if isinstance(x, torch.Tensor) else np.asarray(x) for x in (q, d, m))
+        self.packed = torch._convert_weight_to_int4pack_for_cpu(torch.from_numpy(q.astype(np.int32)), 8)
         # The kernel computes (q - 8) * scale + zero, so zero = m + 8 * d.
-        self.scales_zeros = torch.stack([d.t(), (m + 8 * d).t()], dim=-1).to(torch.bfloat16).contiguous()
+        d, m = d.astype(np.float32, copy=False), m.astype(np.float32, copy=False)
+        self.scales_zeros = torch.from_numpy(np.stack([d.T, (m + 8 * d).T], axis=-1)).to(torch.bfloat16)
         self.group, self.dense, self.options = group, dense, options
 
     @property
