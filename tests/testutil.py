@@ -27,6 +27,11 @@ def make_tiny_model(path, arch: str = "llama", seed: int = 0, **overrides) -> st
         cls = transformers.Qwen2ForCausalLM
     else:
         raise ValueError(arch)
+    return save_random_model(path, cls, cfg, seed)
+
+
+def save_random_model(path, cls, cfg, seed: int = 0) -> str:
+    """An HF model of class `cls` with config `cfg`, random weights (seeded), saved to `path`."""
     torch.manual_seed(seed)
     model = cls(cfg).float().eval()
     model.save_pretrained(str(path))
@@ -118,3 +123,17 @@ def run_arrivals(engine, reqs):
     return {int(k): v for k, v in got.items()}
 
 
+
+
+def run_greedy(engine, prompts, max_tokens: int) -> dict[int, list[int]]:
+    """All prompts at once, greedy, to completion: {index: token ids}."""
+    from baton import SamplingParams
+
+    for i, p in enumerate(prompts):
+        engine.add_request(str(i), p, SamplingParams(max_tokens=max_tokens, temperature=0.0, ignore_eos=True))
+    got = {}
+    while engine.has_unfinished_requests():
+        for out in engine.step():
+            if out.finished:
+                got[int(out.request_id)] = out.outputs[0].token_ids
+    return got

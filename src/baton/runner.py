@@ -75,7 +75,7 @@ class ModelRunner:
             # Decode-only flats (Orca's) take as few shapes as batch sizes; with prompt
             # tokens the count takes many values and is padded to a bounded set.
             prompt_tokens = any(i.shape[1] > 1 for i, _ in inputs)
-            computed = shape_bucket(off) if prompt_tokens else off
+            computed = shape_bucket(off) if prompt_tokens and plan.pad else off
             parts = [(c, *i.shape) for c, (i, _) in zip(ctxs, inputs)]
             flat_ids, flat_pos = [i.reshape(1, -1) for i, _ in inputs], [p.reshape(1, -1) for _, p in inputs]
             if computed > off:

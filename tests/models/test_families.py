@@ -11,11 +11,10 @@ import time
 import pytest
 import torch
 
-from baton import SamplingParams
 from baton.models.loader import load_model
 from baton.runner import ModelRunner
 from baton.scheduler.plan import Plan, Segment
-from testutil import baton_logits, make_engine, run_alone, run_arrivals, workload
+from testutil import baton_logits, make_engine, run_alone, run_arrivals, run_greedy, workload
 
 POLICIES = ["static", "orca", "baton", "baton-pd"]
 WINDOW = 16
@@ -257,13 +256,7 @@ def test_greedy_matches_hf_generate(name, tiny):
         # drops its cache and recomputes every key with the long factors, where baton
         # (like HF's model forward with a cache) keeps the earlier keys (see phi3.py).
         prompts, n = [prompt(6, 5), prompt(7, 20)], 12
-    for i, p in enumerate(prompts):
-        engine.add_request(str(i), p, SamplingParams(max_tokens=n, temperature=0.0, ignore_eos=True))
-    got = {}
-    while engine.has_unfinished_requests():
-        for out in engine.step():
-            if out.finished:
-                got[int(out.request_id)] = out.outputs[0].token_ids
+    got = run_greedy(engine, prompts, n)
     for i, p in enumerate(prompts):
         with torch.no_grad():
             ids = torch.tensor([p])

@@ -17,7 +17,7 @@ import torch
 
 from baton.models.loader import ModelLoadError, load_model
 from baton.models.transformers_backend import TransformersModel
-from testutil import baton_logits, load_cached, make_engine, run_alone, run_arrivals, workload
+from testutil import baton_logits, load_cached, make_engine, run_alone, run_arrivals, run_greedy, save_random_model, workload
 from testutil import engine_device as device_under_test
 
 POLICIES = ["static", "orca", "baton", "baton-pd"]
@@ -46,10 +46,7 @@ def make_tiny_hf_model(path, arch: str, seed: int = 0) -> str:
         cls = transformers.GPTNeoXForCausalLM
     else:
         raise ValueError(arch)
-    torch.manual_seed(seed)
-    model = cls(cfg).float().eval()
-    model.save_pretrained(str(path))
-    return str(path)
+    return save_random_model(path, cls, cfg, seed)
 
 
 @pytest.fixture(scope="module")
@@ -162,15 +159,7 @@ def test_greedy_parity_with_hf_generate(arch, tiny, hf_models):
     prompts = [list(range(7, 47)), [3, 1, 4, 1, 5], list(range(200, 140, -3))]
     n = 12
     engine = make_engine(path, policy="baton-pd", model_impl=TF, max_num_seqs=3, max_prefill_tokens=24)
-    from baton import SamplingParams
-
-    for i, p in enumerate(prompts):
-        engine.add_request(str(i), p, SamplingParams(max_tokens=n, temperature=0.0, ignore_eos=True))
-    got = {}
-    while engine.has_unfinished_requests():
-        for out in engine.step():
-            if out.finished:
-                got[int(out.request_id)] = out.outputs[0].token_ids
+    got = run_greedy(engine, prompts, n)
     hf = hf_models(path)
     for i, p in enumerate(prompts):
         assert got[i] == hf_greedy(hf, p, n), f"{arch}: request {i} differs from HF generate"

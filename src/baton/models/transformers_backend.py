@@ -212,7 +212,7 @@ def _eos_ids(*values) -> list[int]:
 
 
 def _config(hf: nn.Module, probe: _ProbeContext, vocab: int, source: str) -> ModelConfig:
-    from .loader import ModelLoadError
+    from .registry import ModelLoadError
 
     text = hf.config.get_text_config()
     arch = getattr(text, "model_type", None) or hf.config.model_type
@@ -258,7 +258,7 @@ def _config(hf: nn.Module, probe: _ProbeContext, vocab: int, source: str) -> Mod
 
 def _wrap(hf: nn.Module, device, source: str) -> TransformersModel:
     """Move, probe (one 2-token forward) and wrap a loaded HF model."""
-    from .loader import ModelLoadError
+    from .registry import ModelLoadError
 
     hf = hf.to(device).eval()
     hf.requires_grad_(False)
@@ -277,7 +277,7 @@ def _wrap(hf: nn.Module, device, source: str) -> TransformersModel:
 def _from_pretrained(source: str, arch: str, dtype: torch.dtype, **kwargs):
     from transformers import AutoModelForCausalLM
 
-    from .loader import ModelLoadError
+    from .registry import ModelLoadError
 
     register()
     try:

@@ -49,4 +49,5 @@ class OrcaPolicy(Policy):
 
     def schedule(self) -> Plan:
         self._admit()
-        return Plan([Segment(s.kv, [s.num_cached], [s.uncached_tokens()], [True], [s]) for s in self.running])
+        return Plan([Segment(s.kv, [s.num_cached], [s.uncached_tokens()], [True], [s]) for s in self.running],
+                    pad=False)

@@ -22,8 +22,12 @@ class Segment:
 
 @dataclass
 class Plan:
-    """One iteration: segments run in one forward, their tokens laid out in order."""
+    """One iteration: segments run in one forward, their tokens laid out in order.
+    `pad`: a flat forward with prompt tokens may be padded to a shape bucket (the
+    runner bounds the GEMM shapes oneDNN keeps state for); Orca's selective
+    batching computes exactly its tokens, as that baseline is defined."""
     segments: list[Segment] = field(default_factory=list)
+    pad: bool = True
 
     @property
     def empty(self) -> bool:
