@@ -30,8 +30,10 @@ def configure(device: Device, num_threads: Optional[int] = None) -> None:
 
 
 def prepare_model(model, int4_parts: Optional[dict] = None, prepack: bool = True) -> dict:
-    """Install the device's kernels on a loaded model's linear layers."""
+    """Install the device's kernels on a loaded model's linear layers (the first
+    use of oneDNN in a process that loads a model: its cache caps apply from here)."""
     if model.device.type == "cpu":
+        cpu.configure_process()
         return cpu.prepare_model(model, int4_parts, prepack)
     return {"prepacked": 0, "int4": 0}
 
