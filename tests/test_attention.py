@@ -33,7 +33,7 @@ def naive(q, keys, values, pos, scale, window, softcap):
 
 
 @pytest.mark.parametrize("window,softcap", [(None, None), (5, None), (None, 3.0), (4, 2.0)])
-@pytest.mark.parametrize("counts", [[1, 1, 1], [6, 1, 3], [9]])
+@pytest.mark.parametrize("counts", [[1, 1, 1], [6, 1, 3], [9], [1]])
 def test_shaped_attention_matches_naive(window, softcap, counts):
     torch.manual_seed(0)
     spec = KVSpec(num_layers=1, num_kv_heads=KVH, head_dim=D, dtype=torch.float32, device=torch.device("cpu"))

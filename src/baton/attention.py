@@ -86,6 +86,9 @@ class ShapedAttention:
                 # runner.shape_bucket), and rows x width take many values: widths are rounded
                 # to quarter octaves (at most 25% more columns, all masked).
                 self.W = min(cache.width, width_bucket(self.W))
+        # One row decoding one token (Orca's requests, a pool entry's last token): the
+        # columns attended are exactly the row's tokens, so no mask and a slice write.
+        self.single = (starts[0], starts[0] + 1) if B == 1 and counts == [1] and self.W == starts[0] + 1 else None
         if T == 1 and all(c == 1 for c in counts):
             # Decode: every row writes one token at its own length.
             self.dst = (torch.arange(B, device=device), starts_t)
@@ -136,6 +139,11 @@ class ShapedAttention:
                 q.transpose(1, 2).to(kc.dtype), kc[:1, :, :b], vc[:1, :, :b],
                 attn_mask=mask, is_causal=causal, scale=layer.scale, enable_gqa=True)
             return out.transpose(1, 2).reshape(q.shape[0], q.shape[1], -1).to(q.dtype)
+        if self.single is not None and window is None:
+            a, b = self.single
+            kc[0, :, a] = k[0, 0]
+            vc[0, :, a] = v[0, 0]
+            return attention_over_cache(q, kc[:1, :, :b], vc[:1, :, :b], None, layer.scale, layer.softcap)
         if self.src is None:
             kc[self.dst[0], :, self.dst[1]] = k[:, 0]
             vc[self.dst[0], :, self.dst[1]] = v[:, 0]
