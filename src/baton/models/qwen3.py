@@ -3,22 +3,19 @@ before rotary), no q/k/v bias by default, and head_dim from the config (it need
 not be hidden / heads)."""
 from __future__ import annotations
 
-from torch import nn
 
 from . import llama
-from .layers import AttentionContext, AttentionLayer, Linear, ModelConfig, RMSNorm, apply_rope
+from .layers import AttentionContext, Linear, ModelConfig, RMSNorm, apply_rope
 from .registry import Family, register
 
 
-class Attention(nn.Module):
+class Attention(llama.Attention):
+    """Llama's attention plus per-head RMSNorm on q and k, before rotary."""
+
     def __init__(self, cfg: ModelConfig, layer: int):
-        super().__init__()
-        self.n_heads, self.n_kv, self.head_dim = cfg.num_heads, cfg.num_kv_heads, cfg.head_dim
-        self.spec = AttentionLayer(layer, cfg.head_dim ** -0.5, cfg.window(layer))
-        q_out, kv_out = self.n_heads * self.head_dim, self.n_kv * self.head_dim
-        self.qkv = Linear(cfg.hidden_size, q_out + 2 * kv_out, bias=cfg.attention_bias)
+        super().__init__(cfg, layer)
         # Unlike Qwen2, HF's Qwen3 puts attention_bias on o_proj as well.
-        self.o = Linear(q_out, cfg.hidden_size, bias=cfg.attention_bias)
+        self.o = Linear(self.n_heads * self.head_dim, cfg.hidden_size, bias=cfg.attention_bias)
         self.q_norm = RMSNorm(cfg.head_dim, cfg.rms_norm_eps)
         self.k_norm = RMSNorm(cfg.head_dim, cfg.rms_norm_eps)
 
