@@ -34,21 +34,14 @@ def _reference_model(path: str, dtype: torch.dtype):
     """(state dict, int4 parts) as the previous loader built them: every tensor
     dequantized by gguf, fixed up, cast, concatenated; Q4_1 parts from
     q4_1_parts (numpy), fixed up, concatenated, then packed as Int4Linear did."""
-    from baton.models.loader import GGUFMeta
+    from baton.models.loader import GGUFMeta, hf_to_gguf_names
     from baton.models.registry import gguf_family
 
     f = G.GGUFFile(path, remember=False)
     family = gguf_family(f.architecture)
     cfg = family.config_from_gguf(GGUFMeta(f, f.architecture), f.architecture)
     fix = family.gguf_fixup or (lambda cfg, name, arr: arr)
-    to_gguf = {}
-    for name in f.tensor_names:
-        if name.startswith("blk."):
-            _, idx, rest = name.split(".", 2)
-            if rest in family.gguf_names:
-                to_gguf[f"model.layers.{idx}.{family.gguf_names[rest]}"] = name
-        elif name in family.gguf_names:
-            to_gguf[family.gguf_names[name]] = name
+    to_gguf = hf_to_gguf_names(f, family)
     state, int4 = {}, {}
     for ours, theirs in family.hf_weight_map(cfg).items():
         pieces = [fix(cfg, hf, _reference_tensor(f, to_gguf[hf])).to(dtype) for hf in theirs]

@@ -142,8 +142,11 @@ def config_from_gguf(g, arch: str) -> ModelConfig:
         extra={"o_proj_bias": "blk.0.attn_output.bias" in g.tensor_names})
 
 
-def hf_weight_map(cfg: ModelConfig) -> dict[str, list[str]]:
-    """Our parameter name -> the HF tensors it is made of (concatenated on dim 0)."""
+def hf_weight_map(cfg: ModelConfig, qkv=("self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj"),
+                  gate_up=("mlp.gate_proj", "mlp.up_proj")) -> dict[str, list[str]]:
+    """Our parameter name -> the HF tensors it is made of (concatenated on dim 0).
+    `qkv`, `gate_up`: the HF modules fused into our qkv and gate_up (one each where
+    the checkpoint already fuses them, as Phi-3's does)."""
     m = {"embed.weight": ["model.embed_tokens.weight"], "norm.weight": ["model.norm.weight"]}
     if not cfg.tie_word_embeddings:
         m["lm_head.weight"] = ["lm_head.weight"]
@@ -151,13 +154,13 @@ def hf_weight_map(cfg: ModelConfig) -> dict[str, list[str]]:
         p, o = f"model.layers.{i}.", f"layers.{i}."
         m[o + "attn_norm.weight"] = [p + "input_layernorm.weight"]
         m[o + "mlp_norm.weight"] = [p + "post_attention_layernorm.weight"]
-        m[o + "attn.qkv.weight"] = [p + f"self_attn.{x}_proj.weight" for x in "qkv"]
+        m[o + "attn.qkv.weight"] = [p + f"{x}.weight" for x in qkv]
         if cfg.attention_bias:
-            m[o + "attn.qkv.bias"] = [p + f"self_attn.{x}_proj.bias" for x in "qkv"]
+            m[o + "attn.qkv.bias"] = [p + f"{x}.bias" for x in qkv]
         m[o + "attn.o.weight"] = [p + "self_attn.o_proj.weight"]
         if cfg.extra.get("o_proj_bias"):
             m[o + "attn.o.bias"] = [p + "self_attn.o_proj.bias"]
-        m[o + "mlp.gate_up.weight"] = [p + "mlp.gate_proj.weight", p + "mlp.up_proj.weight"]
+        m[o + "mlp.gate_up.weight"] = [p + f"{x}.weight" for x in gate_up]
         m[o + "mlp.down.weight"] = [p + "mlp.down_proj.weight"]
     return m
 

@@ -268,14 +268,7 @@ def load_gguf_model(p: Path, dtype, device, int4_small_batch=True, prepack=True,
         raise ModelLoadError(f"unsupported GGUF architecture {arch!r}; supported: {', '.join(gguf_architectures())}")
     cfg = family.config_from_gguf(GGUFMeta(f, arch), arch)
     weight_map = family.hf_weight_map(cfg)
-    to_gguf = {}  # HF name -> GGUF name
-    for name in f.tensor_names:
-        if name.startswith("blk."):
-            _, idx, rest = name.split(".", 2)
-            if rest in family.gguf_names:
-                to_gguf[f"model.layers.{idx}.{family.gguf_names[rest]}"] = name
-        elif name in family.gguf_names:
-            to_gguf[family.gguf_names[name]] = name
+    to_gguf = hf_to_gguf_names(f, family)
     # Q4_1's raw parts are worth splitting out only where the platform will run
     # them as int4 (bf16 on CPU); it decides, given a stand-in layer.
     device = torch.device(device)
@@ -286,6 +279,19 @@ def load_gguf_model(p: Path, dtype, device, int4_small_batch=True, prepack=True,
     model = build_model(family, cfg, state_dict, device, dtype)
     platform.prepare_model(model, parts or None, prepack)
     return model
+
+
+def hf_to_gguf_names(f, family: Family) -> dict[str, str]:
+    """HF tensor name -> the GGUF tensor holding it (llama.cpp's names, per block after blk.N.)."""
+    to_gguf = {}
+    for name in f.tensor_names:
+        if name.startswith("blk."):
+            _, idx, rest = name.split(".", 2)
+            if rest in family.gguf_names:
+                to_gguf[f"model.layers.{idx}.{family.gguf_names[rest]}"] = name
+        elif name in family.gguf_names:
+            to_gguf[family.gguf_names[name]] = name
+    return to_gguf
 
 
 def read_gguf_weights(f, family: Family, cfg: ModelConfig, weight_map: dict[str, list[str]], to_gguf: dict,

@@ -148,18 +148,8 @@ def config_from_hf(d: dict) -> ModelConfig:
 
 
 def hf_weight_map(cfg: ModelConfig) -> dict[str, list[str]]:
-    m = {"embed.weight": ["model.embed_tokens.weight"], "norm.weight": ["model.norm.weight"]}
-    if not cfg.tie_word_embeddings:
-        m["lm_head.weight"] = ["lm_head.weight"]
-    for i in range(cfg.num_layers):
-        p, o = f"model.layers.{i}.", f"layers.{i}."
-        m[o + "attn_norm.weight"] = [p + "input_layernorm.weight"]
-        m[o + "mlp_norm.weight"] = [p + "post_attention_layernorm.weight"]
-        m[o + "attn.qkv.weight"] = [p + "self_attn.qkv_proj.weight"]
-        m[o + "attn.o.weight"] = [p + "self_attn.o_proj.weight"]
-        m[o + "mlp.gate_up.weight"] = [p + "mlp.gate_up_proj.weight"]  # gate rows first, as our GatedMLP
-        m[o + "mlp.down.weight"] = [p + "mlp.down_proj.weight"]
-    return m
+    # The checkpoint fuses qkv and gate_up already (gate rows first, as our GatedMLP).
+    return llama.hf_weight_map(cfg, qkv=["self_attn.qkv_proj"], gate_up=["mlp.gate_up_proj"])
 
 
 def config_from_gguf(g, arch: str) -> ModelConfig:
