@@ -66,7 +66,7 @@ def test_abort_queued_and_running_leaves_nothing(tiny_llama, policy):
         engine.add_request(f"queued-{i}", [3, 1, 4, 1, 5, 9], greedy(40))
     engine.step()
     engine.step()
-    seqs = {rid: engine.requests[rid] for rid in engine.requests}
+    seqs = {rid: engine.requests[rid].seqs[0] for rid in engine.requests}
     aborted = {f"queued-{i}" for i in range(6)} | {"run"}
     for rid in sorted(aborted):
         assert engine.abort(rid).outputs[0].finish_reason == "abort"
@@ -87,17 +87,17 @@ def test_abort_in_the_pool_prefilling_and_parked_leaves_nothing(tiny_llama):
     engine.add_request("low", low, greedy(30, priority=5))
     for _ in range(3):
         engine.step()
-    victim, low_seq = engine.requests["victim"], engine.requests["low"]
+    victim, low_seq = engine.requests["victim"].seqs[0], engine.requests["low"].seqs[0]
     assert victim.status is Status.RUNNING and low_seq.status is Status.PREFILLED
     # A higher-priority query takes victim's row: victim is parked with its KV.
     engine.add_request("high", [1, 2, 3], greedy(4, priority=0))
     engine.add_request("long", list(range(1, 40)), greedy(5, priority=5))
     for _ in range(8):
         engine.step()
-        if victim.status is Status.PARKED and engine.requests["long"].num_cached:
+        if victim.status is Status.PARKED and engine.requests["long"].seqs[0].num_cached:
             break
     assert victim.status is Status.PARKED and isinstance(victim.kv, object) and victim.kv is not None
-    long_seq = engine.requests["long"]
+    long_seq = engine.requests["long"].seqs[0]
     assert long_seq.status is Status.PREFILLED and 0 < long_seq.num_cached < 39, "long is mid-prefill"
     for rid, seq in (("victim", victim), ("long", long_seq)):
         engine.abort(rid)
@@ -162,10 +162,10 @@ def test_a_request_whose_postprocessing_fails_fails_alone(tiny_llama, monkeypatc
     ref = solo(tiny_llama, [5, 5, 5], greedy(8))
     real = engine.outputs.append
 
-    def append(seq, tok, now):
+    def append(seq, tok, now, **kw):
         if seq.request_id == "bad" and len(seq.output_ids) == 3:
             raise UnicodeDecodeError("utf-8", b"\xff", 0, 1, "invalid start byte")
-        return real(seq, tok, now)
+        return real(seq, tok, now, **kw)
 
     monkeypatch.setattr(engine.outputs, "append", append)
     engine.add_request("good", [5, 5, 5], greedy(8))

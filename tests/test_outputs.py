@@ -33,7 +33,7 @@ def run(tokens: list[int], stop: list[str], max_tokens: int = 1000):
         if reason:
             proc.finish(seq, reason)
             break
-    final = proc.output(seq, "", []).outputs[0].text if reason else proc.states["r"].text
+    final = proc.choice(seq, "", []).text if reason else proc.states[id(seq)].text
     return deltas, final, reason
 
 
@@ -43,6 +43,29 @@ def test_a_stop_string_split_across_tokens_is_never_streamed():
     assert reason == "stop" and final == "ab"
     assert deltas == ["a", "b", "", "", ""]
     assert "".join(deltas) == final
+
+
+def test_include_stop_str_in_output_keeps_the_stop_string():
+    proc = OutputProcessor(CharTokenizer(), {99})
+    seq = Sequence("r", [0], SamplingParams(max_tokens=100, temperature=0, stop=["c\nd"],
+                                            include_stop_str_in_output=True))
+    proc.add(seq)
+    deltas = []
+    for t in [0, 1, 3, 4, 5, 0]:
+        delta, reason = proc.append(seq, SampledToken(t), 0.0)
+        deltas.append(delta)
+        if reason:
+            break
+    assert reason == "stop" and "".join(deltas) == "abc\nd"
+
+
+def test_min_tokens_holds_off_stops_and_eos():
+    proc = OutputProcessor(CharTokenizer(), {99})
+    seq = Sequence("r", [0], SamplingParams(max_tokens=100, temperature=0, stop=["b"], min_tokens=3))
+    proc.add(seq)
+    reasons = [proc.append(seq, SampledToken(t), 0.0)[1] for t in [1, 99, 2, 1]]
+    # "b" (a stop) and EOS before 3 tokens do not end it; the 4th token "b" does
+    assert reasons == [None, None, None, "stop"]
 
 
 def test_held_text_is_released_once_it_cannot_start_a_stop():

@@ -107,8 +107,9 @@ def run_alone(path, prompt, params, **engine_kwargs):
                 return out.outputs[0].token_ids
 
 
-def run_arrivals(engine, reqs):
-    """Add each request at its arrival step; returns {index: token ids}."""
+def run_arrivals(engine, reqs, outputs: bool = False):
+    """Add each request at its arrival step; returns {index: token ids} (or, with
+    outputs, {index: CompletionOutput} of the first choice)."""
     got, pending, step = {}, list(range(len(reqs))), 0
     while pending or engine.has_unfinished_requests():
         for i in [i for i in pending if reqs[i][2] <= step]:
@@ -117,7 +118,8 @@ def run_arrivals(engine, reqs):
         for out in engine.step():
             assert out.request_id not in got, "a request finished twice"
             if out.finished:
-                got[out.request_id] = out.outputs[0].token_ids
+                assert out.error is None, out.error
+                got[out.request_id] = out.outputs[0] if outputs else out.outputs[0].token_ids
         step += 1
         assert step < 5000
     return {int(k): v for k, v in got.items()}

@@ -1,10 +1,15 @@
 """LLMEngine: add_request / step / abort.
 
     plan = scheduler.schedule()          # which rows feed which tokens (pure data)
+    masks = grammar.fill_async(...)      # structured output: token masks, while the forward runs
     out = runner.execute(plan)           # the one forward
     scheduler.commit(plan, out.computed) # those tokens are now cached
     tokens = sample(out.logits, ...)     # one token per row that wanted one
     return self._update(plan, tokens)    # outputs: detokenize, stop, free finished rows
+
+A request with n > 1 is n Sequences (choices) sharing its prompt; under a policy
+that shares prompts only the first is prefilled and the others take a copy of
+its KV and a first token drawn from the same logits.
 
 Faults stay with their owner: a row that cannot be sampled or detokenized fails
 its own request (finish_reason "error") and the batch goes on; an error the
@@ -30,7 +35,7 @@ from .outputs import CompletionOutput, OutputProcessor, RequestOutput
 from .runner import ModelRunner
 from .sampling import SamplingParams, sample
 from .scheduler import POLICIES
-from .sequence import Sequence
+from .sequence import Request, Sequence, Status
 from .tokenizer import Tokenizer, load_tokenizer
 
 log = logging.getLogger("baton.engine")
@@ -109,7 +114,8 @@ class LLMEngine:
         self.kv_spec = KVSpec.of(self.cfg, resolve_kv_dtype(config.kv_cache_dtype, model.dtype), model.device)
         self.runner = ModelRunner(model)
         self.policy = self._make_policy()
-        self.requests: dict[str, Sequence] = {}
+        self.requests: dict[str, Request] = {}
+        self._grammar = None  # the structured-output engine, built on first use
         self.lock = threading.RLock()  # add/abort may come from other threads than step
         eos_ids = set(tokenizer.eos_token_ids if tokenizer else self.cfg.eos_token_ids)
         self.outputs = OutputProcessor(tokenizer, eos_ids)
@@ -179,30 +185,79 @@ class LLMEngine:
                                                f"prompt ({prompt_len} tokens) + max_tokens ({max_tokens}) = "
                                                f"{prompt_len + max_tokens} exceeds {what}")
 
-    def add_request(self, request_id: str, prompt: Union[str, Seq[int]], params: Optional[SamplingParams] = None,
-                    arrival_time: Optional[float] = None) -> Sequence:
-        params = params or SamplingParams()
+    @property
+    def grammar(self):
+        """The grammar engine (built on the first structured request: it indexes
+        the vocabulary once)."""
+        if self._grammar is None:
+            if self.tokenizer is None:
+                raise InvalidRequest("structured_outputs", "structured output needs a tokenizer; this model has none")
+            from .structured import GrammarEngine
+            self._grammar = GrammarEngine(self.tokenizer.hf, self.cfg.vocab_size, sorted(self.outputs.eos_ids))
+        return self._grammar
+
+    def check_params(self, params: SamplingParams) -> None:
+        """What SamplingParams cannot check alone: token ids against the vocabulary,
+        bad words (tokenized here), the structured output spec (compiled here, so an
+        invalid one is refused before the request is queued)."""
         params.validate()
+        vocab = self.cfg.vocab_size
+        for name, ids in (("logit_bias", list(params.logit_bias or ())), ("stop_token_ids", params.stop_token_ids)):
+            bad = [t for t in ids if not 0 <= t < vocab]
+            if bad:
+                raise InvalidRequest(name, f"{name}: token ids must be in [0, {vocab}); got {bad[0]}")
+        if params.bad_words and not params.bad_words_token_ids:
+            if self.tokenizer is None:
+                raise InvalidRequest("bad_words", "bad_words needs a tokenizer; this model has none")
+            words = []
+            for w in params.bad_words:  # as vLLM: the word alone and after a space
+                for text in (w, " " + w.lstrip()):
+                    ids = self.tokenizer.hf.encode(text, add_special_tokens=False)
+                    if ids and ids not in words:
+                        words.append(ids)
+            params.bad_words_token_ids = words
+        if params.structured is not None:
+            self.grammar.compile(params.structured)
+
+    def add_request(self, request_id: str, prompt: Union[str, Seq[int]], params: Optional[SamplingParams] = None,
+                    arrival_time: Optional[float] = None) -> Request:
+        params = params or SamplingParams()
+        self.check_params(params)
         ids = self.encode_prompt(prompt)
         self.check_length(len(ids), params.max_tokens)
-        seq = Sequence(request_id, ids, params, arrival_time=arrival_time or time.monotonic(),
-                       device=self.model.device)
+        arrival = arrival_time or time.monotonic()
+        seqs = [Sequence(request_id, ids, params, arrival_time=arrival, index=i, device=self.model.device)
+                for i in range(params.n)]
+        if params.structured is not None:
+            for seq in seqs:
+                seq.matcher = self.grammar.matcher(params.structured)
+        request = Request(request_id, ids, seqs, [None] if params.prompt_logprobs is not None else None)
         with self.lock:
             if request_id in self.requests:
                 raise ValueError(f"request id {request_id!r} is already in use")
-            self.requests[request_id] = seq
-            self.outputs.add(seq)
-            self.policy.add(seq)
-        return seq
+            self.requests[request_id] = request
+            for seq in seqs:
+                self.outputs.add(seq)
+            if self.policy.shares_prompts:
+                seqs[0].followers = seqs[1:]
+                self.policy.add(seqs[0])
+            else:
+                for seq in seqs:
+                    self.policy.add(seq)
+        return request
 
     def abort(self, request_id: str) -> RequestOutput:
         with self.lock:
-            seq = self.requests.get(request_id)
-            if seq is None:
+            request = self.requests.get(request_id)
+            if request is None:
                 raise KeyError(f"no running request with id {request_id!r}")
-            delta = self.outputs.flush(seq)
-            self._finish(seq, "abort")
-            return self._output(seq, delta, [])
+            choices = []
+            for seq in request.seqs:
+                if not seq.is_finished:
+                    delta = self.outputs.flush(seq)
+                    self._finish(seq, "abort")
+                    choices.append(self.outputs.choice(seq, delta, []))
+            return self._output(request, choices)
 
     def has_unfinished_requests(self) -> bool:
         """Whether step() has work: a known request, or anything the scheduler
@@ -217,9 +272,15 @@ class LLMEngine:
                 plan = self.policy.schedule()
                 outputs = []
                 if not plan.empty:
+                    seqs, rows = self._sampled(plan)
+                    masks = self._start_masks(seqs)
                     out = self.runner.execute(plan)
                     self.policy.commit(plan, out.computed)
-                    outputs = self._update(plan.sampled(), out.logits)
+                    self._prompt_logprobs(out.prompt_logits)
+                    logits = out.logits
+                    if logits is not None and len(rows) != logits.shape[0]:
+                        logits = logits[torch.tensor(rows, device=logits.device)]
+                    outputs = self._update(seqs, logits, masks)
             except Exception as e:  # not attributable to one request: fail all, start clean
                 log.exception("engine step failed; failing every request in flight")
                 outputs = self.fail_all(f"engine error: {type(e).__name__}: {e}")
@@ -232,31 +293,89 @@ class LLMEngine:
         Returns the requests' final outputs."""
         with self.lock:
             outputs = []
-            for seq in list(self.requests.values()):
-                delta = self.outputs.flush(seq)
-                self.outputs.finish(seq, "error", message)
-                outputs.append(self._output(seq, delta, []))
+            for request in list(self.requests.values()):
+                choices = []
+                for seq in request.seqs:
+                    if not seq.is_finished:
+                        delta = self.outputs.flush(seq)
+                        self.outputs.finish(seq, "error", message)
+                        choices.append(self.outputs.choice(seq, delta, []))
+                outputs.append(self._output(request, choices))
             stats = self.policy.stats
             self.budget.reset()
             self.policy = self._make_policy()
             self.policy.stats = stats  # lifetime counters (iterations, preemptions) carry on
             return outputs
 
-    def _update(self, seqs: list[Sequence], logits) -> list[RequestOutput]:
+    def _sampled(self, plan) -> tuple[list[Sequence], list[int]]:
+        """The queries that get a token this step and, for each, its logits row:
+        a leader whose prompt was just prefilled lends its row to its followers."""
+        seqs = plan.sampled()
+        rows = list(range(len(seqs)))
+        for i, seq in enumerate(list(seqs)):
+            if seq.followers and not seq.output_ids:
+                # its prompt is prefilled by this step (the policy hands the followers
+                # the KV in commit): same logits, own draws
+                for f in seq.followers:
+                    if f.status is Status.WAITING and not f.output_ids and not f.is_finished:
+                        seqs.append(f)
+                        rows.append(i)
+        return seqs, rows
+
+    def _start_masks(self, seqs: list[Sequence]):
+        """Structured output: start filling the constrained rows' token masks (on
+        the grammar engine's thread, overlapping the forward)."""
+        rows = [i for i, s in enumerate(seqs) if s.matcher is not None]
+        if not rows:
+            return None
+        return rows, self.grammar.fill_async([seqs[i].matcher for i in rows])
+
+    def _prompt_logprobs(self, prompt_logits) -> None:
+        """prompt_logprobs: the logprob of each prompt token given the ones before
+        it (and the top-N), from the logits of the positions fed this step."""
+        for seq, start, logits in prompt_logits:
+            request = self.requests.get(seq.request_id)
+            if request is None or request.prompt_logprobs is None or seq.index != 0:
+                continue
+            have = len(request.prompt_logprobs)  # entries for prompt[0..have-1]
+            first = have - 1 - start  # logits row predicting prompt[have]
+            if first < 0 or first >= logits.shape[0]:
+                continue
+            lp = logits[first:].float().log_softmax(-1)
+            targets = torch.tensor(seq.prompt_ids[have: have + lp.shape[0]], device=lp.device)
+            chosen = lp.gather(1, targets.view(-1, 1)).squeeze(1).tolist()
+            n = seq.params.prompt_logprobs
+            if n:
+                vals, ids = torch.topk(lp, n)
+                tops = [list(zip(i, v)) for i, v in zip(ids.tolist(), vals.tolist())]
+            else:
+                tops = [[] for _ in chosen]
+            request.prompt_logprobs.extend(zip(targets.tolist(), chosen, tops))
+
+    def _update(self, seqs: list[Sequence], logits, masks=None) -> list[RequestOutput]:
         """Sample a token for each of `seqs` (one per logits row) and hand it to the
         output processor; finished requests leave the scheduler."""
         if not seqs:
             return []
         t0 = time.perf_counter()
-        tokens = sample(logits, [s.params for s in seqs], [s.generator for s in seqs])
+        bitmask, bitmask_rows = None, None
+        if masks is not None:
+            bitmask_rows, future = masks
+            bitmask = future.result()
+        tokens = sample(logits, [s.params for s in seqs], [s.generator for s in seqs],
+                        [(s.prompt_ids, s.output_ids) for s in seqs], self.outputs.eos_ids, bitmask, bitmask_rows)
         self.sample_seconds += time.perf_counter() - t0
         now = time.monotonic()
-        deltas, finished = [], []
+        choices, finished = [], []
         for seq, tok in zip(seqs, tokens):
             delta, reason = "", None
             if tok.error is None:
                 try:
-                    delta, reason = self.outputs.append(seq, tok, now)
+                    done = False
+                    if seq.matcher is not None:
+                        seq.matcher.accept(tok.token_id)
+                        done = seq.matcher.done
+                    delta, reason = self.outputs.append(seq, tok, now, grammar_done=done)
                 except Exception as e:  # e.g. the detokenizer on this request's tokens
                     log.exception("request %s failed after sampling", seq.request_id)
                     tok.error = f"{type(e).__name__}: {e}"
@@ -264,22 +383,32 @@ class LLMEngine:
                 seq.error, reason = tok.error, "error"
             if reason:
                 finished.append((seq, reason))
-            deltas.append(delta)
+            choices.append((seq, delta, [] if tok.error else [tok.token_id]))
+        # A failed choice fails its request: its other choices end with it.
+        for seq, _ in list(finished):
+            if seq.error:
+                for sib in self.requests[seq.request_id].seqs:
+                    if sib is not seq and not sib.is_finished and all(sib is not f for f, _ in finished):
+                        sib.error = seq.error
+                        finished.append((sib, "error"))
+                        choices.append((sib, self.outputs.flush(sib), []))
         # Leaving rows go last row first: a freed row is refilled by moving the batch's
         # last row into it, and that row should not be one that is leaving too.
         for seq, reason in sorted(finished, key=lambda f: -1 if f[0].row is None else f[0].row, reverse=True):
             self._finish(seq, reason)
-        return [self._output(seq, delta, [] if tok.error else [tok.token_id])
-                for seq, tok, delta in zip(seqs, tokens, deltas)]
+        by_request: dict[str, list] = {}
+        for seq, delta, new_ids in choices:
+            by_request.setdefault(seq.request_id, []).append(self.outputs.choice(seq, delta, new_ids))
+        return [self._output(self.requests[rid], cs) for rid, cs in by_request.items()]
 
     def _finish(self, seq: Sequence, reason: str) -> None:
         self.outputs.finish(seq, reason)
         self.policy.release(seq)
 
-    def _output(self, seq: Sequence, delta: str, new_ids: list[int]) -> RequestOutput:
-        out = self.outputs.output(seq, delta, new_ids)
+    def _output(self, request: Request, choices) -> RequestOutput:
+        out = self.outputs.output(request, choices)
         if out.finished:
-            self.requests.pop(seq.request_id, None)
+            self.requests.pop(request.request_id, None)
         return out
 
     # ------------------------------------------------------------ introspection

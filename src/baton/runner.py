@@ -4,7 +4,7 @@ the forward, and times it."""
 from __future__ import annotations
 
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Optional
 
 import torch
@@ -28,6 +28,17 @@ def shape_bucket(n: int) -> int:
 class StepOutput:
     logits: Optional[torch.Tensor]  # [N, vocab]: one row per plan.sampled(), in order
     computed: int                   # token-rows the forward computed (padding included)
+    # prompt_logprobs: (query, first position, logits [k, vocab]) for the prompt
+    # positions a row fed this step, each predicting the prompt's next token
+    prompt_logits: list = field(default_factory=list)
+
+
+def prompt_positions(owner, start: int, count: int) -> int:
+    """How many of the positions start..start+count-1 a query asking for prompt
+    logprobs needs logits at: those whose next token is still a prompt token."""
+    if getattr(getattr(owner, "params", None), "prompt_logprobs", None) is None:
+        return 0
+    return max(0, min(start + count, owner.prompt_len - 1) - start)
 
 
 def segment_inputs(seg: Segment) -> tuple[torch.Tensor, torch.Tensor]:
@@ -60,6 +71,7 @@ class ModelRunner:
         inputs = [segment_inputs(seg) for seg in segments]
         ctxs = [ShapedAttention(seg.cache, seg.starts, [len(t) for t in seg.tokens]) for seg in segments]
         batch_idx, time_idx, flat_idx, off = [], [], [], 0
+        extra = []  # prompt logprobs: (owner, start, [(b, t, flat)]), gathered after the sampled rows
         for seg, (ids, _) in zip(segments, inputs):
             B, T = ids.shape
             for b, toks in enumerate(seg.tokens):
@@ -67,7 +79,15 @@ class ModelRunner:
                     batch_idx.append(b)
                     time_idx.append(len(toks) - 1)
                     flat_idx.append(off + b * T + len(toks) - 1)
+                k = prompt_positions(seg.owners[b], seg.starts[b], len(toks))
+                if k:
+                    extra.append((seg.owners[b], seg.starts[b], [(b, t, off + b * T + t) for t in range(k)]))
             off += B * T
+        n_sampled = len(flat_idx)
+        for _, _, where in extra:
+            batch_idx += [b for b, _, _ in where]
+            time_idx += [t for _, t, _ in where]
+            flat_idx += [f for _, _, f in where]
         if len(segments) == 1 and inputs[0][0].shape[1] == 1:  # one decode batch: as many shapes as batch sizes
             (ids, pos), ctx = inputs[0], ctxs[0]
             computed = off
@@ -96,4 +116,8 @@ class ModelRunner:
                 torch.cuda.synchronize(device)  # so the time is the forward's, not its launch
         finally:
             self.seconds += time.perf_counter() - t0
-        return StepOutput(logits if flat_idx else None, computed)
+        prompt_logits, at = [], n_sampled
+        for owner, start, where in extra:
+            prompt_logits.append((owner, start, logits[at: at + len(where)]))
+            at += len(where)
+        return StepOutput(logits[:n_sampled] if n_sampled else None, computed, prompt_logits)

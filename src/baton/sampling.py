@@ -205,17 +205,6 @@ def _ends_with(output_ids, prefix: list[int]) -> bool:
     return len(output_ids) >= k and list(output_ids[len(output_ids) - k:]) == prefix
 
 
-def _disallowed(bitmask: torch.Tensor, vocab: int) -> torch.Tensor:
-    """int32 [R, W] (bit j of word i set = token 32*i + j allowed) -> bool [R, V],
-    True where a token is NOT allowed. Bits beyond V are ignored; tokens beyond
-    32 * W are not allowed."""
-    shifts = torch.arange(32, device=bitmask.device, dtype=bitmask.dtype)
-    banned = (((bitmask.unsqueeze(-1) >> shifts) & 1) == 0).view(bitmask.shape[0], -1)
-    if banned.shape[1] >= vocab:
-        return banned[:, :vocab]
-    return torch.nn.functional.pad(banned, (0, vocab - banned.shape[1]), value=True)
-
-
 def _process(logits: torch.Tensor, rows: list[int], params: list[SamplingParams],
              histories, eos_ids: list[int], token_bitmask, bitmask_rows) -> tuple[torch.Tensor, dict[int, str]]:
     """The logits processors, on a float32 copy of `rows` only ([R, V]), in vLLM's
@@ -264,14 +253,11 @@ def _process(logits: torch.Tensor, rows: list[int], params: list[SamplingParams]
     if pen:
         _apply_penalties(sub, pen, params, histories, V)
     if token_bitmask is not None and bitmask_rows:
+        from .structured import apply_bitmask
+
         pos = {i: j for j, i in enumerate(rows)}
         at = [pos[i] for i in bitmask_rows]
-        banned = _disallowed(token_bitmask.to(dev), V)
-        if at == list(range(len(rows))):
-            sub.masked_fill_(banned, float("-inf"))
-        else:
-            at = torch.tensor(at, device=dev)
-            sub.index_copy_(0, at, sub.index_select(0, at).masked_fill_(banned, float("-inf")))
+        apply_bitmask(sub, token_bitmask, None if at == list(range(len(rows))) else at)
     return sub, errors
 
 

@@ -45,13 +45,20 @@ class Sequence:
     num_preemptions: int = 0
     order: int = field(default_factory=lambda: next(_arrival_counter))
     generator: Optional[torch.Generator] = None
+    index: int = 0  # which of the request's n choices this is
+    # n > 1 under a policy that shares prompts: the other choices, which take a copy
+    # of this query's prompt KV (and a first token from its logits) after its prefill
+    followers: list = field(default_factory=list)
+    matcher: object = None  # structured output: the grammar state of this query's text
     device: InitVar[object] = None  # where the logits are: the generator must live there
 
     def __post_init__(self, device):
         if not self.params.greedy:
             self.generator = torch.Generator(device=device or "cpu")
-            seed = self.params.seed if self.params.seed is not None else torch.seed()
-            self.generator.manual_seed(seed)
+            # choice i of a seeded request draws from seed + i: reproducible, and the
+            # n choices differ
+            seed = self.params.seed + self.index if self.params.seed is not None else torch.seed()
+            self.generator.manual_seed(seed - 2**64 if seed >= 2**64 else seed)
 
     @property
     def prompt_len(self) -> int:
@@ -78,3 +85,17 @@ class Sequence:
     @property
     def sort_key(self):
         return (self.params.priority, self.order)
+
+
+@dataclass(eq=False)
+class Request:
+    """One request: its n choices (one Sequence each, sharing the prompt) and
+    what belongs to the prompt itself."""
+    request_id: str
+    prompt_ids: list[int]
+    seqs: list[Sequence]
+    prompt_logprobs: Optional[list] = None  # filled while the prompt is prefilled, when asked for
+
+    @property
+    def is_finished(self) -> bool:
+        return all(s.is_finished for s in self.seqs)

@@ -54,10 +54,10 @@ def test_high_priority_preempts_and_victim_output_is_unchanged(tiny_llama, monke
     first = engine.step()  # prefilled on its own, first token sampled
     assert any(o.request_id == "high" for o in first)
     engine.step()  # next boundary: embedded, a low-priority row preempted
-    high = engine.requests["high"]
+    high = engine.requests["high"].seqs[0]
     assert high.status is Status.RUNNING
     assert engine.policy.stats.preemptions == 1
-    victim = engine.requests["low-b"]  # same priority, later arrival: preempted first
+    victim = engine.requests["low-b"].seqs[0]  # same priority, later arrival: preempted first
     # Parked intact, or queued to be recomputed (which may already have begun).
     assert victim.status in ((Status.PARKED,) if park else (Status.WAITING, Status.PREFILLED))
     results = drain(engine, {})

@@ -42,6 +42,9 @@ class PolicyStats:
 
 class Policy:
     name = "base"
+    # Whether a request's n choices can share one prefill (the leader's Sequence
+    # carries the others as `followers`); otherwise each choice is queued alone.
+    shares_prompts = False
 
     def __init__(self, spec: KVSpec, budget: KVBudget, max_num_seqs: int, max_prefill_tokens: int,
                  record_timeline: bool = False):

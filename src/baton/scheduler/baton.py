@@ -90,6 +90,7 @@ class BatonPDPolicy(BatonPolicy):
     """
 
     name = "baton-pd"
+    shares_prompts = True  # n > 1: one prefill, its pool entry embedded into n rows
 
     def __init__(self, *args, pool_size: int = 4, max_preemptions: int = 2, **kwargs):
         super().__init__(*args, **kwargs)
@@ -110,7 +111,8 @@ class BatonPDPolicy(BatonPolicy):
         return super().max_len_that_fits() // 2
 
     def live_tokens(self) -> int:
-        return self.batch.live_tokens() + sum(s.num_cached for s in self.pool)
+        entries = {id(s.kv): s.num_cached for s in self.pool}  # choices of one request share an entry
+        return self.batch.live_tokens() + sum(entries.values())
 
     def joiners_pending(self) -> bool:
         return bool(self.waiting or self.pool)
@@ -131,9 +133,11 @@ class BatonPDPolicy(BatonPolicy):
         return bool(seq.output_ids) and seq.num_cached == self._target(seq) and not seq.is_finished
 
     def _free_entry(self, seq: Sequence) -> None:
-        if isinstance(seq.kv, ShapedKV):
-            seq.kv.release()
-        seq.kv = None
+        """Drop the query's hold on its pool entry; the entry goes when no pooled
+        query (a sibling choice sharing the prompt) still holds it."""
+        kv, seq.kv = seq.kv, None
+        if isinstance(kv, ShapedKV) and not any(s.kv is kv for s in self.pool):
+            kv.release()
 
     def _requeue_for_recompute(self, seq: Sequence) -> None:
         """Drop a query's KV; it will be prefilled again from its tokens."""
@@ -192,7 +196,7 @@ class BatonPDPolicy(BatonPolicy):
 
     # ---- prefill into the pool
     def _pool_admission_fits(self, seq: Sequence) -> bool:
-        rows = min(self.max_num_seqs, len(self.batch) + len(self.pool) + 1)
+        rows = min(self.max_num_seqs, len(self.batch) + len(self.pool) + 1 + len(seq.followers))
         width = max([self.batch.final_width(), seq.max_len] + [s.max_len for s in self.pool])
         cache = self.batch.cache
         growth = 0 if rows <= cache.rows_cap and width <= cache.width_cap \
@@ -205,7 +209,7 @@ class BatonPDPolicy(BatonPolicy):
         if not self.waiting:
             return None
         seq = self.waiting[0]
-        fresh = sum(s.status is Status.PREFILLED for s in self.pool)
+        fresh = len({id(s.kv) for s in self.pool if s.status is Status.PREFILLED})
         room = fresh < self.pool_size or all(seq.sort_key < s.sort_key for s in self.pool)
         if not room or not self._pool_admission_fits(seq):
             return None
@@ -235,6 +239,19 @@ class BatonPDPolicy(BatonPolicy):
             plan.append((seq, chunk, len(chunk) == len(todo) and not seq.output_ids))
             budget -= len(chunk)
         return plan
+
+    def commit(self, plan: Plan, computed: int) -> None:
+        super().commit(plan, computed)
+        # A request's other choices share the prompt just prefilled: they join the
+        # pool holding the same entry (each gets its first token from the same logits).
+        for seg in plan.segments:
+            for seq, wants in zip(seg.owners, seg.sample):
+                if wants and seq.followers and seg.cache is seq.kv and not seq.output_ids \
+                        and seq.num_cached == self._target(seq):
+                    for f in seq.followers:
+                        if f.status is Status.WAITING and not f.is_finished:
+                            f.kv, f.num_cached, f.status = seq.kv, seq.num_cached, Status.PREFILLED
+                            self.pool.append(f)
 
     def schedule(self) -> Plan:
         """Embed ready entries, then one forward: the batch's decode tokens and this
