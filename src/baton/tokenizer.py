@@ -49,10 +49,24 @@ class Tokenizer:
     def id_to_piece(self, token_id: int) -> str:
         return self.hf.convert_ids_to_tokens(int(token_id))
 
-    def apply_chat_template(self, messages: list[dict], add_generation_prompt: bool = True) -> list[int]:
-        if not self.hf.chat_template:
+    @property
+    def chat_template(self) -> Optional[str]:
+        return self.hf.chat_template if isinstance(self.hf.chat_template, str) else None
+
+    def render_chat(self, messages: list[dict], add_generation_prompt: bool = True, *, tools=None,
+                    chat_template: Optional[str] = None, continue_final_message: bool = False,
+                    template_kwargs: Optional[dict] = None) -> str:
+        """The prompt text the chat template makes of `messages` (and `tools`);
+        `chat_template` replaces the model's own."""
+        template = chat_template or self.chat_template
+        if not template:
             raise ValueError("this model has no chat template; use completions with a plain prompt")
-        text = self.hf.apply_chat_template(messages, tokenize=False, add_generation_prompt=add_generation_prompt)
+        return self.hf.apply_chat_template(messages, tools=tools, chat_template=template, tokenize=False,
+                                           add_generation_prompt=add_generation_prompt,
+                                           continue_final_message=continue_final_message, **(template_kwargs or {}))
+
+    def apply_chat_template(self, messages: list[dict], add_generation_prompt: bool = True, **kwargs) -> list[int]:
+        text = self.render_chat(messages, add_generation_prompt, **kwargs)
         # The template already carries any BOS it wants: do not add special tokens twice.
         return self.hf.encode(text, add_special_tokens=False)
 

@@ -32,12 +32,33 @@ COMPLETION_400 = [
     ({"model": MODEL, "prompt": "x", "max_tokens": 0}, "max_tokens"),
     ({"model": MODEL, "prompt": "x", "logprobs": 21}, "logprobs"),
     ({"model": MODEL, "prompt": "x", "stop": [""]}, "stop"),
-    ({"model": MODEL, "prompt": "x", "n": 2}, "n"),
+    ({"model": MODEL, "prompt": "x", "n": 0}, "n"),
+    ({"model": MODEL, "prompt": "x", "n": 129}, "n"),
     ({"model": MODEL, "prompt": "x", "best_of": 3}, "best_of"),
-    ({"model": MODEL, "prompt": "x", "echo": True}, "echo"),
-    ({"model": MODEL, "prompt": "x", "presence_penalty": 0.5}, "presence_penalty"),
+    ({"model": MODEL, "prompt": "x", "suffix": "end"}, "suffix"),
+    ({"model": MODEL, "prompt": "x", "presence_penalty": 2.5}, "presence_penalty"),
+    ({"model": MODEL, "prompt": "x", "frequency_penalty": -3}, "frequency_penalty"),
+    ({"model": MODEL, "prompt": "x", "repetition_penalty": 0}, "repetition_penalty"),
+    ({"model": MODEL, "prompt": "x", "logit_bias": {"5": 101}}, "logit_bias"),
+    ({"model": MODEL, "prompt": "x", "logit_bias": {"dog": 1}}, "logit_bias"),
+    ({"model": MODEL, "prompt": "x", "logit_bias": {"99999999": 1}}, "logit_bias"),
+    ({"model": MODEL, "prompt": "x", "min_tokens": -1}, "min_tokens"),
+    ({"model": MODEL, "prompt": "x", "max_tokens": 4, "min_tokens": 5}, "min_tokens"),
+    ({"model": MODEL, "prompt": "x", "prompt_logprobs": 21}, "prompt_logprobs"),
+    ({"model": MODEL, "prompt": "x", "bad_words": [""]}, "bad_words"),
+    ({"model": MODEL, "prompt": "x", "stream_options": {"include_usage": True}}, "stream_options"),
+    ({"model": MODEL, "prompt": "x", "no_such_field": 1}, "no_such_field"),
+    ({"model": MODEL, "prompt": "x", "response_format": {"type": "yaml"}}, "response_format"),
+    ({"model": MODEL, "prompt": "x", "response_format": {"type": "json_schema", "json_schema": {"name": "x"}}},
+     "response_format"),
+    ({"model": MODEL, "prompt": "x", "guided_json": {"type": "nonsense"}}, "guided_json"),
+    ({"model": MODEL, "prompt": "x", "guided_regex": "(("}, "guided_regex"),
+    ({"model": MODEL, "prompt": "x", "guided_choice": []}, "guided_choice"),
+    ({"model": MODEL, "prompt": "x", "grammar": "root ::= ("}, "grammar"),
+    ({"model": MODEL, "prompt": "x", "structured_outputs": {"regex": "a", "choice": ["b"]}}, "structured_outputs"),
+    ({"model": MODEL, "prompt": "x", "guided_regex": "a", "guided_choice": ["b"]}, "guided_choice"),
     ({"model": MODEL, "prompt": ""}, "prompt"),
-    ({"model": MODEL, "prompt": ["a", "b"]}, "prompt"),
+    ({"model": MODEL, "prompt": ["a", ""]}, "prompt"),
     ({"model": MODEL, "prompt": [10 ** 9]}, "prompt"),
     ({"model": MODEL, "prompt": "x", "max_tokens": 10 ** 6}, "max_tokens"),  # prompt + max_tokens > context
 ]
@@ -52,10 +73,31 @@ CHAT_400 = [
     ({"model": MODEL, "messages": [{"role": "user", "content": "hi"}], "top_logprobs": 2}, "top_logprobs"),
     ({"model": MODEL, "messages": [{"role": "user", "content": "hi"}], "logprobs": True, "top_logprobs": 30},
      "top_logprobs"),
-    ({"model": MODEL, "messages": [{"role": "user", "content": "hi"}], "n": 3}, "n"),
+    ({"model": MODEL, "messages": [{"role": "user", "content": "hi"}], "n": 0}, "n"),
     ({"model": MODEL, "messages": [{"role": "user", "content": "hi"}], "max_completion_tokens": -1},
      "max_completion_tokens"),
     ({"model": MODEL, "messages": [{"role": "user", "content": "hi"}], "tools": [{"type": "function"}]}, "tools"),
+    ({"model": MODEL, "messages": [{"role": "user", "content": "hi"}], "tool_choice": "required"}, "tool_choice"),
+    # the default model's own template takes no tools
+    ({"model": MODEL, "messages": [{"role": "user", "content": "hi"}],
+      "tools": [{"type": "function", "function": {"name": "f", "parameters": {"type": "object"}}}]}, "tools"),
+    ({"model": MODEL, "messages": [{"role": "user", "content": "hi"},
+                                   {"role": "assistant", "content": None, "tool_calls": [
+                                       {"id": "c1", "type": "function",
+                                        "function": {"name": "f", "arguments": "{}"}}]}]}, "messages"),
+    ({"model": MODEL, "messages": [{"role": "user", "content": "hi"}], "continue_final_message": True},
+     "continue_final_message"),
+    ({"model": MODEL, "messages": [{"role": "assistant", "content": "hi"}], "continue_final_message": True,
+      "add_generation_prompt": True}, "continue_final_message"),
+    ({"model": MODEL, "messages": [{"role": "user", "content": "hi"}], "chat_template_kwargs": {"messages": 1}},
+     "chat_template_kwargs"),
+    ({"model": MODEL, "messages": [{"role": "user", "content": "hi"}], "chat_template": "/no/such/file.jinja"},
+     "chat_template"),
+    ({"model": MODEL, "messages": [{"role": "user", "content": "hi", "colour": "red"}]}, "messages"),
+    ({"model": MODEL, "messages": [{"role": "user", "content": "hi"}], "frobnicate": True}, "frobnicate"),
+    ({"model": MODEL, "messages": [{"role": "user", "content": "hi"}],
+      "response_format": {"type": "json_schema", "json_schema": {"name": "x", "schema": {"type": "nonsense"}}}},
+     "response_format"),
 ]
 
 
@@ -109,7 +151,7 @@ def test_unknown_model_404(server):
             c.completions.create(model="gpt-9", prompt="x", max_tokens=2)
         assert e.value.code == "model_not_found"
         with pytest.raises(openai.BadRequestError) as e:
-            c.completions.create(model=MODEL, prompt="x", max_tokens=2, n=2)
+            c.completions.create(model=MODEL, prompt="x", max_tokens=2, n=0)
         assert e.value.param == "n"
     still_serves(server.url)
 

@@ -26,25 +26,32 @@ import socket
 import threading
 import time
 import uuid
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Optional, Union
 
 import uvicorn
 from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
+from fastapi.middleware.cors import CORSMiddleware
 from fastapi.responses import JSONResponse, PlainTextResponse, Response, StreamingResponse
 from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
-from ..errors import InvalidRequest, check_unicode
+from ..errors import check_unicode
+from .. import __version__
 from ..sampling import SamplingParams
-from .async_engine import AsyncEngine, QueueFull, RequestStream, ShuttingDown, StreamEvent
+from ..structured import StructuredOutput
+from .async_engine import AsyncEngine, QueueFull, RequestStream, ShuttingDown
 from .connection import DEFAULT_HEADER_TIMEOUT, DEFAULT_MAX_CONNECTIONS, guarded_protocol
 from .metrics import ServerMetrics
 from .middleware import DEFAULT_BODY_TIMEOUT, DEFAULT_MAX_REQUEST_BYTES, AccessLog, BearerAuth, BodyLimits
 from .openapi import GENERATION_RESPONSES, PROMETHEUS_RESPONSES, error_responses, without_validation_422
-from .protocol import (APIError, ChatCompletionRequest, CompletionRequest, TokenText, bad_request_from_value_error,
-                       chat_logprobs, completion_logprobs, error_body, now, usage)
+from .protocol import (APIError, ChatCompletionRequest, CompletionRequest, DetokenizeRequest, TokenizeRequest,
+                       TokenText, bad_request_from_value_error, chat_logprobs, completion_logprobs, error_body,
+                       invalid, now, prompt_logprobs_entries, usage)
+from .tools import (ToolCallStreamer, ToolError, load_chat_template, messages_for_template, parse_tool_calls,
+                    template_takes_tool_calls, template_takes_tools, tool_call_grammar, validate_tools)
 
 log = logging.getLogger("baton.server")
 
@@ -61,8 +68,9 @@ def default_served_model_name(model_path: Optional[str]) -> str:
 
 class ServerState:
     def __init__(self, engine, served_model_names: list[str], max_waiting: int, default_max_tokens: int,
-                 stats_interval: float):
+                 stats_interval: float, chat_template: Optional[str] = None):
         self.engine = engine
+        self.chat_template = chat_template  # the server's --chat-template (text), over the model's
         self.served_model_names = served_model_names
         self.max_waiting = max_waiting
         self.default_max_tokens = default_max_tokens
@@ -114,6 +122,18 @@ class ServerState:
         except TypeError as e:
             raise APIError(400, str(e), code="invalid_type") from None
 
+    async def submit_many(self, jobs: list, renames: dict) -> list[RequestStream]:
+        """Queue the requests of one call (a batched prompt: one each), all or none."""
+        streams: list[RequestStream] = []
+        try:
+            for request_id, prepare in jobs:
+                streams.append(await self.submit(request_id, prepare, renames))
+        except BaseException:
+            for st in streams:
+                self.async_engine.abort(st.request_id)
+            raise
+        return streams
+
     async def submit(self, request_id: str, prepare, renames: dict) -> RequestStream:
         """Queue a request; `renames` maps the engine's field names to the
         request's (a chat prompt is `messages`), so a 400 names the right one."""
@@ -156,30 +176,97 @@ async def _wait_disconnect(request: Request) -> None:
             return
 
 
-async def _collect(state: ServerState, stream: RequestStream, request: Request) -> tuple[Optional[StreamEvent], list]:
-    """Wait for the final event of a non-streaming request, aborting it if the
-    client disconnects meanwhile. Returns (final event or None, logprob entries)."""
-    watcher = asyncio.ensure_future(_wait_disconnect(request))
-    entries: list = []
-    final = None
+@dataclass
+class ChoiceResult:
+    """One choice of a finished request, gathered from its events."""
+    text: str = ""
+    num_tokens: int = 0
+    finish_reason: Optional[str] = None
+    entries: list = field(default_factory=list)  # logprob entries
+
+
+@dataclass
+class Result:
+    choices: dict  # index -> ChoiceResult
+    prompt_tokens: int
+    prompt_logprobs: Optional[list]
+    error: Optional[str]
+
+    @property
+    def completion_tokens(self) -> int:
+        return sum(c.num_tokens for c in self.choices.values())
+
+
+async def _merge(streams: list[RequestStream]):
+    """The events of several requests as they come: (which request, event)."""
+    if len(streams) == 1:
+        async for ev in streams[0]:
+            yield 0, ev
+        return
+    queue: asyncio.Queue = asyncio.Queue()
+
+    async def pump(i, stream):
+        async for ev in stream:
+            await queue.put((i, ev))
+        await queue.put((i, None))
+
+    tasks = [asyncio.ensure_future(pump(i, s)) for i, s in enumerate(streams)]
     try:
-        while True:
-            get = asyncio.ensure_future(stream.queue.get())
-            done, _ = await asyncio.wait({get, watcher}, return_when=asyncio.FIRST_COMPLETED)
-            if get not in done:
-                get.cancel()
-                state.async_engine.abort(stream.request_id)
-                return None, entries
-            ev = get.result()
-            if ev.new_logprobs:
-                entries.extend(ev.new_logprobs)
-            if ev.finished or ev.error:
-                final = ev
-                return final, entries
+        left = len(streams)
+        while left:
+            i, ev = await queue.get()
+            if ev is None:
+                left -= 1
+                continue
+            yield i, ev
+    finally:
+        for t in tasks:
+            t.cancel()
+
+
+def _abort_all(state: "ServerState", streams: list[RequestStream]) -> None:
+    for s in streams:
+        state.async_engine.abort(s.request_id)
+
+
+async def _collect(state: "ServerState", streams: list[RequestStream], request: Request) -> Optional[list[Result]]:
+    """Wait for every request of a non-streaming call to finish, aborting them all
+    if the client disconnects meanwhile (None then)."""
+    results = [Result({}, s.prompt_tokens, None, None) for s in streams]
+
+    async def gather():
+        async for i, ev in _merge(streams):
+            r = results[i]
+            r.prompt_tokens = ev.prompt_tokens
+            if ev.prompt_logprobs is not None:
+                r.prompt_logprobs = ev.prompt_logprobs
+            for c in ev.choices:
+                cr = r.choices.setdefault(c.index, ChoiceResult())
+                cr.text, cr.num_tokens = c.text, c.num_tokens
+                cr.finish_reason = c.finish_reason or cr.finish_reason
+                if c.new_logprobs:
+                    cr.entries.extend(c.new_logprobs)
+            if ev.error:
+                r.error = ev.error
+                return
+
+    watcher = asyncio.ensure_future(_wait_disconnect(request))
+    work = asyncio.ensure_future(gather())
+    done = False
+    try:
+        await asyncio.wait({work, watcher}, return_when=asyncio.FIRST_COMPLETED)
+        if work.done():
+            work.result()
+            done = True
+            return results
+        return None
     finally:
         watcher.cancel()
-        if final is None:
-            state.async_engine.abort(stream.request_id)
+        if not done:
+            work.cancel()
+            _abort_all(state, streams)
+        elif any(r.error for r in results):
+            _abort_all(state, streams)  # one prompt failed: the call fails, free the others
 
 
 class _SSEResponse(StreamingResponse):
@@ -199,41 +286,48 @@ class _SSEResponse(StreamingResponse):
             self.on_close()
 
 
-def _stream_response(state: ServerState, request: Request, stream: RequestStream, rid: str,
-                     include_usage: bool, build, header: dict) -> _SSEResponse:
-    """The SSE body of a streamed completion or chat request: `build(event, text
-    delta)` makes the endpoint's chunk for an engine event (or None to send
-    nothing), then the usage chunk if asked (stream_options.include_usage), then
-    [DONE]. A request that failed gets an error event instead. If the client goes
-    away first, the request is aborted and its row freed."""
+def _stream_response(state: "ServerState", request: Request, streams: list[RequestStream], req, build,
+                     header: dict) -> _SSEResponse:
+    """The SSE body of a streamed completion or chat call: `build(prompt index,
+    choice event)` makes the chunks for one choice's step, then the usage chunk if
+    asked (stream_options.include_usage), then [DONE]. A request that failed gets
+    an error event instead. If the client goes away first, every request of the
+    call is aborted and its rows freed."""
+    include_usage, continuous = req.include_usage, req.continuous_usage
 
     async def gen():
         finished = False
-        last = None
+        tokens = [dict() for _ in streams]  # per request: choice index -> tokens so far
+        prompts = [0] * len(streams)
+
+        def usage_now():
+            return usage(sum(prompts), sum(sum(t.values()) for t in tokens))
+
         try:
-            async for ev in stream:
-                last = ev
+            async for i, ev in _merge(streams):
+                prompts[i] = ev.prompt_tokens
                 if ev.error:
                     yield _sse(error_body(ev.error, "server_error", None, "engine_error"))
                     finished = True
                     break
-                c = build(ev, ev.new_text)  # the engine holds back any text that could start a stop string
-                if c is not None:
-                    if include_usage:
-                        c["usage"] = None
-                    yield _sse(c)
-                if ev.finished:
-                    finished = True
-                    if include_usage:
-                        yield _sse({**header, "choices": [], "usage": usage(ev.prompt_tokens, ev.num_tokens)})
+                for c in ev.choices:
+                    tokens[i][c.index] = c.num_tokens
+                    for chunk in build(i, c, ev):  # the engine holds back text that could start a stop string
+                        if include_usage:
+                            chunk["usage"] = usage_now() if continuous else None
+                        yield _sse(chunk)
+            else:
+                finished = True
+                if include_usage:
+                    yield _sse({**header, "choices": [], "usage": usage_now()})
             yield "data: [DONE]\n\n"
         finally:
-            if not finished:  # client went away (or the task was cancelled): free the row
-                state.async_engine.abort(rid)
-            _note_access(request, stream, output_tokens=last.num_tokens if last else 0,
-                         finish_reason=(last.finish_reason if finished and last else "abort"))
+            if not finished:  # client went away (or the task was cancelled): free the rows
+                _abort_all(state, streams)
+            _note_access(request, streams[0], output_tokens=sum(sum(t.values()) for t in tokens),
+                         finish_reason="stop" if finished else "abort")
 
-    return _SSEResponse(gen(), on_close=lambda: state.async_engine.abort(rid))
+    return _SSEResponse(gen(), on_close=lambda: _abort_all(state, streams))
 
 
 # ---------------------------------------------------------------- the app
@@ -241,21 +335,25 @@ def _stream_response(state: ServerState, request: Request, stream: RequestStream
 def create_app(engine, served_model_name: Union[str, list[str], None] = None, api_key: Optional[str] = None,
                max_waiting: int = DEFAULT_MAX_WAITING, default_max_tokens: int = DEFAULT_MAX_TOKENS,
                metrics_api_key: Optional[str] = None, max_request_bytes: int = DEFAULT_MAX_REQUEST_BYTES,
-               body_timeout: float = DEFAULT_BODY_TIMEOUT, stats_interval: float = 10.0) -> FastAPI:
+               body_timeout: float = DEFAULT_BODY_TIMEOUT, stats_interval: float = 10.0,
+               chat_template: Optional[str] = None, allowed_origins: Optional[list[str]] = None) -> FastAPI:
     """An app serving `engine`. Its engine thread starts with the app (lifespan
     startup) and stops on shutdown; one app at a time per engine.
 
     api_key guards every route but /health; metrics_api_key, if given, guards
     /metrics instead. Request bodies over max_request_bytes get 413, bodies not
     received within body_timeout seconds 408. stats_interval: seconds between the
-    engine's stats log lines while busy (0: none)."""
+    engine's stats log lines while busy (0: none). chat_template: a template (a
+    built-in name, a file or jinja text) used instead of the model's. allowed_origins:
+    browser origins allowed by CORS (none by default; ["*"] for any)."""
     if max_waiting < 0:
         raise ValueError(f"max_waiting must be >= 0; got {max_waiting}")
     if default_max_tokens < 1:
         raise ValueError(f"default_max_tokens must be >= 1; got {default_max_tokens}")
     names = served_model_name or default_served_model_name(engine.config.model)
     names = [names] if isinstance(names, str) else list(names)
-    state = ServerState(engine, names, max_waiting, default_max_tokens, stats_interval)
+    template = load_chat_template(chat_template) if chat_template else None
+    state = ServerState(engine, names, max_waiting, default_max_tokens, stats_interval, template)
 
     @contextlib.asynccontextmanager
     async def lifespan(app):
@@ -275,6 +373,9 @@ def create_app(engine, served_model_name: Union[str, list[str], None] = None, ap
     if api_key or metrics_api_key:
         app.add_middleware(BearerAuth, api_key=api_key, metrics_api_key=metrics_api_key, on_reject=reject)
     app.add_middleware(AccessLog)
+    if allowed_origins:  # outermost: a browser's preflight is answered before auth asks for a key
+        app.add_middleware(CORSMiddleware, allow_origins=list(allowed_origins), allow_methods=["*"],
+                           allow_headers=["*"], allow_credentials="*" not in allowed_origins)
 
     # ------------------------------------------------------------ errors
     reasons = {400: "invalid_request", 404: "model_not_found", 429: "queue_full", 503: "shutting_down"}
@@ -291,9 +392,13 @@ def create_app(engine, served_model_name: Union[str, list[str], None] = None, ap
     @app.exception_handler(RequestValidationError)
     async def _validation_error(request: Request, exc: RequestValidationError):
         errors = exc.errors()
-        first = errors[0] if errors else {"loc": (), "msg": "invalid request", "type": "invalid"}
+        unknown = [e for e in errors if e.get("type") == "extra_forbidden"]
+        first = (unknown or errors or [{"loc": (), "msg": "invalid request", "type": "invalid"}])[0]
         loc = [str(x) for x in first.get("loc", ()) if x != "body"]
-        if first.get("type") == "json_invalid":
+        if unknown:
+            where = ".".join(loc)
+            msg, param = f"unknown field `{where}`: this server does not support it", loc[0] if loc else None
+        elif first.get("type") == "json_invalid":
             msg, param = f"invalid JSON body: {first.get('ctx', {}).get('error', first.get('msg'))}", None
         elif not loc and first.get("type") == "missing":
             msg, param = "a JSON object body is required", None
@@ -358,118 +463,283 @@ def create_app(engine, served_model_name: Union[str, list[str], None] = None, ap
     async def completions(req: CompletionRequest, request: Request):
         req.check()
         model_name = state.check_model(req.model)
-        prompt = req.single_prompt()
+        prompts = req.prompts()
         kw = req.sampling_kwargs()
+        spec = req.structured()
+        if spec is not None:
+            kw["structured"] = spec
         renames: dict = {}
-        state.validate(kw, req.max_tokens, renames, prompt)
+        for i, prompt in enumerate(prompts):
+            state.validate(kw, req.max_tokens, renames, prompt)
+        n = kw.get("n", 1)
 
-        def prepare():  # validated above; engine.add_request checks the ids and the length
-            ids = engine.tokenizer.encode(prompt) if isinstance(prompt, str) else list(prompt)
-            return ids, state.sampling_params(kw, req.max_tokens, len(ids))
+        def job(prompt):
+            def prepare():  # validated above; engine.add_request checks the ids, the length, the grammar
+                ids = engine.tokenizer.encode(prompt) if isinstance(prompt, str) else list(prompt)
+                return ids, state.sampling_params(kw, req.max_tokens, len(ids))
+            return f"cmpl-{uuid.uuid4().hex}", prepare
 
-        rid = f"cmpl-{uuid.uuid4().hex}"
-        stream = await state.submit(rid, prepare, renames)
+        streams = await state.submit_many([job(p) for p in prompts], renames)
+        rid = streams[0].request_id
         created = now()
         want_lp = req.logprobs is not None
+        echo_text = [(p if isinstance(p, str) else engine.tokenizer.decode(p)) if req.echo else "" for p in prompts]
 
-        def chunk(text, finish_reason, lp=None):
+        def choice(i, index, text, finish_reason, lp=None):
+            return {"index": i * n + index, "text": text, "logprobs": lp, "finish_reason": finish_reason}
+
+        def chunk(choices):
             return {"id": rid, "object": "text_completion", "created": created, "model": model_name,
-                    "choices": [{"index": 0, "text": text, "logprobs": lp, "finish_reason": finish_reason}]}
+                    "choices": choices}
 
         if req.stream:
-            offset = 0  # characters streamed so far, for text_offset in logprobs
+            offsets: dict = {}   # characters streamed so far per choice, for text_offset in logprobs
+            started: set = set()
 
-            def build(ev, delta):
-                nonlocal offset
-                lp = None
-                if want_lp and ev.new_logprobs:
-                    lp = completion_logprobs(ev.new_logprobs, state.token_text, offset)
-                    offset += sum(len(t) for t in lp["tokens"])
-                if delta or lp or ev.finished:
-                    return chunk(delta, ev.finish_reason if ev.finished else None, lp)
-                return None
+            def build(i, c, ev):
+                key = (i, c.index)
+                text, lp = c.new_text, None
+                if key not in started:
+                    started.add(key)
+                    text = echo_text[i] + text
+                    offsets[key] = len(echo_text[i])
+                if want_lp and c.new_logprobs:
+                    lp = completion_logprobs(c.new_logprobs, state.token_text, offsets[key])
+                    offsets[key] += sum(len(t) for t in lp["tokens"])
+                if not (text or lp or c.finished):
+                    return []
+                ch = choice(i, c.index, text, c.finish_reason if c.finished else None, lp)
+                if ev.prompt_logprobs is not None and c.finished:
+                    ch["prompt_logprobs"] = prompt_logprobs_entries(ev.prompt_logprobs, state.token_text)
+                return [chunk([ch])]
 
-            return _stream_response(state, request, stream, rid, req.include_usage, build,
+            return _stream_response(state, request, streams, req, build,
                                     {"id": rid, "object": "text_completion", "created": created,
                                      "model": model_name})
 
-        final, entries = await _collect(state, stream, request)
-        _note_access(request, stream, output_tokens=final.num_tokens if final else None,
-                     finish_reason=final.finish_reason if final else "abort")
-        if final is None:
+        results = await _collect(state, streams, request)
+        if results is None:
             return Response(status_code=499)  # client closed the connection; nobody reads this
-        if final.error:
-            raise APIError(500, final.error, type="server_error", code="engine_error")
-        body = chunk(final.text, final.finish_reason,
-                     completion_logprobs(entries, state.token_text) if want_lp else None)
-        body["usage"] = usage(final.prompt_tokens, final.num_tokens)
+        _note_access(request, streams[0], output_tokens=sum(r.completion_tokens for r in results),
+                     finish_reason=results[0].choices.get(0, ChoiceResult()).finish_reason)
+        for r in results:
+            if r.error:
+                raise APIError(500, r.error, type="server_error", code="engine_error")
+        choices = []
+        for i, r in enumerate(results):
+            echo_lp = None
+            if want_lp and req.echo and r.prompt_logprobs is not None:
+                echo_lp = [(e[0], e[1], e[2]) if e is not None else None for e in r.prompt_logprobs]
+            for index in sorted(r.choices):
+                c = r.choices[index]
+                lp = None
+                if want_lp:
+                    entries = c.entries
+                    if echo_lp is not None:
+                        entries = [(streams[i].first_prompt_token, None, None)] + echo_lp[1:] + entries
+                    lp = completion_logprobs(entries, state.token_text)
+                ch = choice(i, index, echo_text[i] + c.text, c.finish_reason, lp)
+                if r.prompt_logprobs is not None:
+                    ch["prompt_logprobs"] = prompt_logprobs_entries(r.prompt_logprobs, state.token_text)
+                choices.append(ch)
+        body = chunk(choices)
+        body["usage"] = usage(sum(r.prompt_tokens for r in results), sum(r.completion_tokens for r in results))
         return body
 
     # ------------------------------------------------------------ chat
+    def chat_template_for(req) -> Optional[str]:
+        if req.chat_template:
+            try:
+                return load_chat_template(req.chat_template)
+            except ValueError as e:
+                raise invalid("chat_template", f"chat_template: {e}") from None
+        return state.chat_template or (engine.tokenizer.chat_template if engine.tokenizer else None)
+
+    def render_messages(req, messages: list[dict], plan) -> str:
+        """The prompt text of a chat request (or a /tokenize one), rendered by the
+        template; a template that cannot take what the request holds is a 400."""
+        if engine.tokenizer is None:
+            raise invalid("messages", "this model has no tokenizer: use /v1/completions with token ids",
+                          "unsupported_value")
+        template = chat_template_for(req)
+        if not template:
+            raise invalid("messages", "this model has no chat template: use /v1/completions, or start the "
+                                      "server with --chat-template", "unsupported_value")
+        tools = plan.tools if plan is not None else None
+        if tools and not template_takes_tools(template):
+            raise invalid("tools", "this model's chat template does not take tools: start the server with "
+                                   "--chat-template chatml-tools (a ChatML template with Hermes-style "
+                                   "<tool_call> blocks) or a template of your own, or send chat_template",
+                          "unsupported_value")
+        if any(m.get("tool_calls") or m["role"] == "tool" for m in messages) and \
+                not template_takes_tool_calls(template):
+            raise invalid("messages", "messages hold tool calls or tool results, which this model's chat "
+                                      "template cannot render: use a template that takes tools (e.g. "
+                                      "--chat-template chatml-tools)", "unsupported_value")
+        try:
+            return engine.tokenizer.render_chat(
+                messages_for_template(messages), req.add_gen, tools=tools, chat_template=template,
+                continue_final_message=bool(req.continue_final_message), template_kwargs=req.chat_template_kwargs)
+        except ToolError as e:
+            raise invalid(e.param, e.message) from None
+        except Exception as e:  # the template's own errors (jinja raise_exception on bad role order)
+            raise invalid("messages", f"messages: the chat template failed: {type(e).__name__}: {e}") from None
+
+    def tool_plan(req):
+        try:
+            return validate_tools(req.tools, req.tool_choice, req.parallel_tool_calls, req.functions,
+                                  req.function_call)
+        except ToolError as e:
+            raise invalid(e.param, e.message) from None
+
     @app.post("/v1/chat/completions", responses=GENERATION_RESPONSES)
     async def chat_completions(req: ChatCompletionRequest, request: Request):
         req.check()
         model_name = state.check_model(req.model)
         messages = [m.flat() for m in req.messages]
+        plan = tool_plan(req)
         kw = req.sampling_kwargs()
+        spec = req.structured()
+        grammar = tool_call_grammar(plan)
+        if grammar is not None:
+            if spec is not None:
+                raise invalid(spec.param, f"{spec.param} cannot be combined with tool_choice {req.tool_choice!r}: "
+                                          f"the tool call is the output")
+            spec = StructuredOutput("lark", grammar, "tool_choice")
+        if spec is not None:
+            kw["structured"] = spec
         max_tokens = req.requested_max_tokens
         renames = {"prompt": "messages"}
         if req.max_completion_tokens is not None:
             renames["max_tokens"] = "max_completion_tokens"
-        if engine.tokenizer is None:
-            raise APIError(400, "this model has no tokenizer: use /v1/completions with token ids",
-                           param="messages", code="unsupported_value")
         state.validate(kw, max_tokens, renames, messages=messages)
-        add_gen = True if req.add_generation_prompt is None else req.add_generation_prompt
+        text = await asyncio.to_thread(render_messages, req, messages, plan)  # jinja can be slow on long chats
+        if not text:
+            raise invalid("messages", "messages: the chat template produced an empty prompt")
 
         def prepare():
-            try:
-                ids = engine.tokenizer.apply_chat_template(messages, add_generation_prompt=add_gen)
-            except Exception as e:  # no template, or its own errors (jinja raise_exception on bad role order)
-                raise InvalidRequest("messages", f"messages: the chat template failed: {e}") from None
-            if not ids:
-                raise InvalidRequest("messages", "messages: the chat template produced an empty prompt")
+            ids = engine.tokenizer.hf.encode(text, add_special_tokens=False)
             return ids, state.sampling_params(kw, max_tokens, len(ids))
 
         rid = f"chatcmpl-{uuid.uuid4().hex}"
-        stream = await state.submit(rid, prepare, renames)
+        streams = await state.submit_many([(rid, prepare)], renames)
         created = now()
         want_lp = bool(req.logprobs)
+        parse_tools = plan is not None and plan.mode != "none"
 
-        def chunk(delta: dict, finish_reason, lp=None):
+        def chunk(choices):
             return {"id": rid, "object": "chat.completion.chunk", "created": created, "model": model_name,
-                    "choices": [{"index": 0, "delta": delta, "logprobs": lp, "finish_reason": finish_reason}]}
+                    "choices": choices}
 
         if req.stream:
-            first = True
+            streamers: dict = {}
+            started: set = set()
 
-            def build(ev, delta):
-                nonlocal first
-                lp = chat_logprobs(ev.new_logprobs, state.token_text) if want_lp and ev.new_logprobs else None
-                if not (delta or lp or ev.finished or first):
-                    return None
-                d = {"content": delta} if delta else {}
-                if first:  # the role rides on the first token's chunk: one chunk per token
-                    d = {"role": "assistant", "content": delta}
-                    first = False
-                return chunk(d, ev.finish_reason if ev.finished else None, lp)
+            def build(_, c, ev):
+                out = []
+                lp = chat_logprobs(c.new_logprobs, state.token_text) if want_lp and c.new_logprobs else None
+                if parse_tools:
+                    st = streamers.setdefault(c.index, ToolCallStreamer(plan))
+                    deltas = st.feed(c.new_text) if c.new_text else []
+                    if c.finished:
+                        deltas += st.finish()
+                else:
+                    deltas = [{"content": c.new_text}] if c.new_text else []
+                if c.index not in started:  # the role rides on the first chunk
+                    started.add(c.index)
+                    first = deltas[0] if deltas else {}
+                    deltas[:1] = [{"role": "assistant", **({"content": ""} if not first else {}), **first}]
+                for j, d in enumerate(deltas):
+                    out.append(chunk([{"index": c.index, "delta": d, "logprobs": lp if j == len(deltas) - 1 else None,
+                                       "finish_reason": None}]))
+                if lp is not None and not deltas:
+                    out.append(chunk([{"index": c.index, "delta": {}, "logprobs": lp, "finish_reason": None}]))
+                if c.finished:
+                    reason = c.finish_reason
+                    if parse_tools and streamers[c.index].saw_tool_calls and reason == "stop":
+                        reason = "tool_calls"
+                    last = {"index": c.index, "delta": {}, "logprobs": None, "finish_reason": reason}
+                    if out and out[-1]["choices"][0]["finish_reason"] is None and not \
+                            out[-1]["choices"][0]["delta"].get("tool_calls"):
+                        out[-1]["choices"][0]["finish_reason"] = reason  # one chunk per token where it can
+                    else:
+                        out.append(chunk([last]))
+                    if ev.prompt_logprobs is not None:
+                        out[-1]["prompt_logprobs"] = prompt_logprobs_entries(ev.prompt_logprobs, state.token_text)
+                return out
 
-            return _stream_response(state, request, stream, rid, req.include_usage, build,
+            return _stream_response(state, request, streams, req, build,
                                     {"id": rid, "object": "chat.completion.chunk", "created": created,
                                      "model": model_name})
 
-        final, entries = await _collect(state, stream, request)
-        _note_access(request, stream, output_tokens=final.num_tokens if final else None,
-                     finish_reason=final.finish_reason if final else "abort")
-        if final is None:
+        results = await _collect(state, streams, request)
+        if results is None:
             return Response(status_code=499)
-        if final.error:
-            raise APIError(500, final.error, type="server_error", code="engine_error")
-        return {"id": rid, "object": "chat.completion", "created": created, "model": model_name,
-                "choices": [{"index": 0, "message": {"role": "assistant", "content": final.text},
-                             "logprobs": chat_logprobs(entries, state.token_text) if want_lp else None,
-                             "finish_reason": final.finish_reason}],
-                "usage": usage(final.prompt_tokens, final.num_tokens)}
+        r = results[0]
+        _note_access(request, streams[0], output_tokens=r.completion_tokens,
+                     finish_reason=r.choices.get(0, ChoiceResult()).finish_reason)
+        if r.error:
+            raise APIError(500, r.error, type="server_error", code="engine_error")
+        choices = []
+        for index in sorted(r.choices):
+            c = r.choices[index]
+            message: dict = {"role": "assistant", "content": c.text}
+            reason = c.finish_reason
+            if parse_tools:
+                content, calls = parse_tool_calls(c.text, plan)
+                if calls:
+                    message = {"role": "assistant", "content": content, "tool_calls": calls}
+                    if reason == "stop":
+                        reason = "tool_calls"
+            choices.append({"index": index, "message": message,
+                            "logprobs": chat_logprobs(c.entries, state.token_text) if want_lp else None,
+                            "finish_reason": reason})
+        body = {"id": rid, "object": "chat.completion", "created": created, "model": model_name,
+                "choices": choices, "usage": usage(r.prompt_tokens, r.completion_tokens)}
+        if r.prompt_logprobs is not None:
+            body["prompt_logprobs"] = prompt_logprobs_entries(r.prompt_logprobs, state.token_text)
+        return body
+
+    # ------------------------------------------------------------ tokens
+    @app.post("/tokenize", responses=error_responses(400, 401, 404, 503))
+    async def tokenize(req: TokenizeRequest):
+        state.check_model(req.model)
+        if engine.tokenizer is None:
+            raise invalid("prompt", "this model has no tokenizer", "unsupported_value")
+        if (req.prompt is None) == (req.messages is None):
+            raise invalid("prompt", "give exactly one of prompt and messages")
+        if req.prompt is not None:
+            check_unicode(req.prompt, "prompt")
+            engine.check_prompt_chars(len(req.prompt))
+            add = True if req.add_special_tokens is None else req.add_special_tokens
+            ids = await asyncio.to_thread(engine.tokenizer.hf.encode, req.prompt, add_special_tokens=add)
+        else:
+            messages = [m.flat() for m in req.messages]
+            try:
+                plan = validate_tools(req.tools, None, None) if req.tools else None
+            except ToolError as e:
+                raise invalid(e.param, e.message) from None
+            text = await asyncio.to_thread(render_messages, req, messages, plan)
+            add = False if req.add_special_tokens is None else req.add_special_tokens
+            ids = await asyncio.to_thread(engine.tokenizer.hf.encode, text, add_special_tokens=add)
+        body = {"count": len(ids), "max_model_len": engine.max_model_len, "tokens": ids}
+        body["token_strs"] = [engine.tokenizer.id_to_piece(t) for t in ids] if req.return_token_strs else None
+        return body
+
+    @app.post("/detokenize", responses=error_responses(400, 401, 404, 503))
+    async def detokenize(req: DetokenizeRequest):
+        state.check_model(req.model)
+        if engine.tokenizer is None:
+            raise invalid("tokens", "this model has no tokenizer", "unsupported_value")
+        vocab = engine.cfg.vocab_size
+        bad = [t for t in req.tokens if not 0 <= t < vocab]
+        if bad:
+            raise invalid("tokens", f"tokens must be integers in [0, {vocab}); got {bad[0]}")
+        return {"prompt": engine.tokenizer.decode(req.tokens)}
+
+    @app.get("/version")
+    async def version():
+        return {"version": __version__}
 
     return app
 

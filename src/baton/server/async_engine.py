@@ -33,19 +33,38 @@ class ShuttingDown(Exception):
 
 
 @dataclass
-class StreamEvent:
-    """One engine output for one request, made on the engine thread (so the
-    logprobs slice and text are consistent with the tokens at that moment)."""
-    request_id: str
+class ChoiceEvent:
+    """What one of a request's choices produced in one step."""
+    index: int
     text: str                 # all text so far (final: with any stop string cut)
     new_text: str
     new_token_ids: list
     new_logprobs: Optional[list]  # entries for new_token_ids, or None
     num_tokens: int           # output tokens so far
-    prompt_tokens: int
     finished: bool
     finish_reason: Optional[str]
+
+
+@dataclass
+class StreamEvent:
+    """One engine output for one request, made on the engine thread (so the
+    logprobs slice and text are consistent with the tokens at that moment):
+    the choices that changed (all of them in the final event)."""
+    request_id: str
+    choices: list             # ChoiceEvent, by index
+    prompt_tokens: int
+    finished: bool            # every choice finished
     error: Optional[str] = None  # the request failed (its own fault or the engine's)
+    prompt_logprobs: Optional[list] = None  # on the final event, when asked for
+
+    @property
+    def num_tokens(self) -> int:
+        """Output tokens so far, all choices (the final event has them all)."""
+        return sum(c.num_tokens for c in self.choices)
+
+    @property
+    def finish_reason(self) -> Optional[str]:
+        return self.choices[0].finish_reason if self.choices else None
 
 
 class RequestStream:
@@ -61,6 +80,8 @@ class RequestStream:
         self.done = False              # final event handed over (engine side)
         self.first_token_time: Optional[float] = None
         self.prompt_tokens = 0
+        self.first_prompt_token: Optional[int] = None
+        self.finished_choices: set[int] = set()  # engine side: choices whose end was handed over
 
     def __aiter__(self):
         return self._iter()
@@ -162,6 +183,7 @@ class AsyncEngine:
         def add():
             ids, params = prepare()
             stream.prompt_tokens = len(ids)
+            stream.first_prompt_token = ids[0] if ids else None
             self.engine.add_request(request_id, ids, params, arrival_time=stream.arrival_time)
             return len(ids)
 
@@ -275,33 +297,44 @@ class AsyncEngine:
                 if out.finished:
                     self._streams.pop(out.request_id, None)
                     stream.done = True
-            o = out.outputs[0]
-            n = len(o.token_ids)
-            new_ids = list(out.new_token_ids)
-            new_lp = None
-            if o.logprobs is not None and new_ids:
-                new_lp = list(o.logprobs[n - len(new_ids):n])
-            ev = StreamEvent(out.request_id, o.text, out.new_text, new_ids, new_lp, n, len(out.prompt_token_ids),
-                             out.finished, o.finish_reason, error=out.error)
+            events = []
+            for o in out.outputs:
+                ends = o.finished and o.index not in stream.finished_choices
+                if not (o.new_token_ids or o.new_text or ends):
+                    continue
+                if ends:
+                    stream.finished_choices.add(o.index)
+                n = len(o.token_ids)
+                new_ids = list(o.new_token_ids)
+                new_lp = list(o.logprobs[n - len(new_ids):n]) if o.logprobs is not None and new_ids else None
+                events.append(ChoiceEvent(o.index, o.text, o.new_text, new_ids, new_lp, n,
+                                          o.finish_reason is not None, o.finish_reason))
+            if not events and not out.error:
+                continue
+            ev = StreamEvent(out.request_id, events, len(out.prompt_token_ids), out.finished, error=out.error,
+                             prompt_logprobs=out.prompt_logprobs if out.finished else None)
             batch.append((stream, ev))
-            self.generated_tokens += len(new_ids)
-            first = bool(new_ids) and stream.first_token_time is None
+            new_tokens = sum(len(c.new_token_ids) for c in events)
+            self.generated_tokens += new_tokens
+            first = bool(new_tokens) and stream.first_token_time is None
             if first:
                 stream.first_token_time = now
             if m is None:
                 continue
-            if new_ids:
-                m.generation_tokens.inc(len(new_ids))
+            if new_tokens:
+                m.generation_tokens.inc(new_tokens)
                 if first:
                     m.ttft.observe(now - stream.arrival_time)
-            if out.finished:
-                m.finished.labels(finish_reason=o.finish_reason or "unknown").inc()
-                if o.finish_reason == "abort":
+            for c in events:
+                if not c.finished:
+                    continue
+                m.finished.labels(finish_reason=c.finish_reason or "unknown").inc()
+                if c.finish_reason == "abort":
                     m.aborts.inc()
-                elif o.finish_reason != "error":
+                elif c.finish_reason != "error":
                     m.e2e.observe(now - stream.arrival_time)
-                    if n > 1 and stream.first_token_time is not None:
-                        m.tpot.observe((now - stream.first_token_time) / (n - 1))
+                    if c.num_tokens > 1 and stream.first_token_time is not None:
+                        m.tpot.observe((now - stream.first_token_time) / (c.num_tokens - 1))
         self._deliver_threadsafe(batch)
 
     def _deliver_threadsafe(self, batch) -> None:

@@ -40,6 +40,13 @@ def add_parser(subparsers) -> argparse.ArgumentParser:
                         f"(default {DEFAULT_BODY_TIMEOUT:g})")
     p.add_argument("--max-connections", type=int, default=DEFAULT_MAX_CONNECTIONS,
                    help=f"open connections beyond which requests get 503 (default {DEFAULT_MAX_CONNECTIONS})")
+    p.add_argument("--chat-template", default=None,
+                   help="chat template used instead of the model's: a file, jinja text, or a built-in name "
+                        "(chatml-tools: ChatML with Hermes-style <tool_call> blocks, for tool calling on "
+                        "ChatML models such as SmolLM2)")
+    p.add_argument("--allowed-origins", default=None,
+                   help="browser origins allowed by CORS, as a JSON list ('[\"*\"]') or comma-separated "
+                        "(default: none, CORS off)")
     p.add_argument("--log-stats-interval", type=float, default=10.0,
                    help="seconds between engine stats lines while busy (default 10; 0: off)")
     p.add_argument("--log-level", default="info", choices=["critical", "error", "warning", "info", "debug"],
@@ -62,12 +69,34 @@ def _check_flags(args) -> None:
             raise ValueError(f"{flag} must be {allowed}; got {value}")
 
 
+def parse_origins(value):
+    """--allowed-origins: a JSON list or comma-separated origins."""
+    if not value:
+        return None
+    import json
+
+    if value.lstrip().startswith("["):
+        try:
+            origins = json.loads(value)
+        except ValueError as e:
+            raise ValueError(f"--allowed-origins: not a JSON list: {e}") from None
+        if not isinstance(origins, list) or not all(isinstance(o, str) for o in origins):
+            raise ValueError("--allowed-origins must be a list of strings")
+        return origins
+    return [o.strip() for o in value.split(",") if o.strip()]
+
+
 def cmd_serve(args) -> int:
     from ..cli_args import engine_kwargs
     from ..engine import EngineConfig, LLMEngine
     from .app import BatonServer, bind_socket, create_app, server_config
 
     _check_flags(args)  # before anything slow
+    origins = parse_origins(args.allowed_origins)
+    if args.chat_template:
+        from .tools import load_chat_template
+
+        load_chat_template(args.chat_template)  # a missing file fails now
     logging.basicConfig(level=getattr(logging, args.log_level.upper()), format="%(levelname)s %(name)s: %(message)s")
     log = logging.getLogger("baton.server")
     # The port first: a busy one fails now, not after the model has loaded.
@@ -80,7 +109,8 @@ def cmd_serve(args) -> int:
     app = create_app(engine, served_model_name=args.served_model_name, api_key=args.api_key,
                      metrics_api_key=args.metrics_api_key, max_waiting=args.max_waiting,
                      default_max_tokens=args.default_max_tokens, max_request_bytes=args.max_request_bytes,
-                     body_timeout=args.body_timeout, stats_interval=args.log_stats_interval)
+                     body_timeout=args.body_timeout, stats_interval=args.log_stats_interval,
+                     chat_template=args.chat_template, allowed_origins=origins)
     state = app.state.baton
     server = BatonServer(server_config(app, host=args.host, port=args.port, log_level=args.log_level,
                                        header_timeout=args.header_timeout, max_connections=args.max_connections))
