@@ -351,7 +351,7 @@ def test_lone_surrogate_seed_range_and_fields_named(server, engine, monkeypatch)
     def broken_template(*a, **k):
         raise RuntimeError("Conversation roles must alternate user/assistant/user/assistant/...")
 
-    monkeypatch.setattr(engine.tokenizer, "apply_chat_template", broken_template)
+    monkeypatch.setattr(engine.tokenizer, "render_chat", broken_template)
     err = assert_error(post("/v1/chat/completions", {"messages": [{"role": "user", "content": "Hi"}]}), 400,
                        param="messages")
     assert "roles must alternate" in err["message"]
