@@ -93,3 +93,19 @@ def test_paper_quick_report(tiny_model_dir, tmp_path):
     for pol in POLICIES:
         assert f"| {pol} |" in md
     assert Path(out / "paper.json").stat().st_size > 0
+
+
+def test_structured_bench_smoke(default_model_path, tmp_path):
+    """`baton bench structured`, tiny: both runs through the server, the report and plot written."""
+    from baton.bench.structured import SCHEMA, _plot, report, run_bench
+    from testutil import make_engine
+
+    engine = make_engine(default_model_path, max_num_seqs=4)
+    res = run_bench(engine, num_requests=2, max_tokens=12, rounds=2, progress=False)
+    res.update(policy="baton-pd", dtype="float32")
+    assert len(res["rounds"]) == 2 and res["median_ratio"] > 0
+    for r in res["rounds"]:  # the twins produced the same number of tokens
+        assert r["constrained"]["tokens"] == r["unconstrained"]["tokens"] > 0
+    assert "Median ratio" in report(res, "test machine")
+    _plot(res, tmp_path / "p.png")
+    assert (tmp_path / "p.png").stat().st_size > 0 and SCHEMA["required"]
