@@ -237,9 +237,16 @@ def test_sampling_parameters_take_effect(client, engine):
     banned = client.completions.create(model=MODEL, prompt="The capital of France is", max_tokens=12,
                                        temperature=0, logit_bias={str(first): -100})
     assert engine.tokenizer.encode(banned.choices[0].text)[:1] != [first]
+    plain = client.completions.create(model=MODEL, prompt="the the the the the", max_tokens=16,
+                                      temperature=0).choices[0].text
     for kw in ({"presence_penalty": 2.0}, {"frequency_penalty": 2.0}, {"extra_body": {"repetition_penalty": 1.8}}):
         r = client.completions.create(model=MODEL, prompt="the the the the the", max_tokens=16, temperature=0, **kw)
-        assert r.choices[0].text  # accepted; effect checked against a reference in tests/test_sampling.py
+        # greedy, so any difference is the penalty's (its exact effect: a reference in tests/test_sampling.py)
+        assert r.choices[0].text != plain, kw
+    word = base.choices[0].text.split()[0]
+    nobad = client.completions.create(model=MODEL, prompt="The capital of France is", max_tokens=12,
+                                      temperature=0, extra_body={"bad_words": [word]})
+    assert word not in nobad.choices[0].text.split(), (word, nobad.choices[0].text)
     # min_tokens: an answer that would stop at once goes on
     short = client.chat.completions.create(model=MODEL, messages=[{"role": "user", "content": "Say OK."}],
                                            max_tokens=40, temperature=0)
@@ -312,6 +319,16 @@ def test_token_endpoints_version_models(server, engine):
     assert chat["tokens"] == engine.tokenizer.apply_chat_template(CHAT)
     assert httpx.get(server.url + "/version").json()["version"]
     assert httpx.get(server.url + f"/v1/models/{MODEL}").json()["id"] == MODEL
+
+
+def test_allowed_origins_flag():
+    from baton.server.cli import parse_origins
+
+    assert parse_origins('["https://a.example", "*"]') == ["https://a.example", "*"]
+    assert parse_origins("https://a.example, https://b.example") == ["https://a.example", "https://b.example"]
+    assert parse_origins(None) is None
+    with pytest.raises(ValueError, match="allowed-origins"):
+        parse_origins('["a", 1]')
 
 
 def test_cors_off_by_default_and_on_when_asked(server, make_engine):
