@@ -701,11 +701,14 @@ def create_app(engine, served_model_name: Union[str, list[str], None] = None, ap
         return body
 
     # ------------------------------------------------------------ tokens
-    @app.post("/tokenize", responses=error_responses(400, 401, 404, 503))
-    async def tokenize(req: TokenizeRequest):
+    def tokens_request(req, param: str) -> None:
         state.check_model(req.model)
         if engine.tokenizer is None:
-            raise invalid("prompt", "this model has no tokenizer", "unsupported_value")
+            raise invalid(param, "this model has no tokenizer", "unsupported_value")
+
+    @app.post("/tokenize", responses=error_responses(400, 401, 404, 503))
+    async def tokenize(req: TokenizeRequest):
+        tokens_request(req, "prompt")
         if (req.prompt is None) == (req.messages is None):
             raise invalid("prompt", "give exactly one of prompt and messages")
         if req.prompt is not None:
@@ -728,9 +731,7 @@ def create_app(engine, served_model_name: Union[str, list[str], None] = None, ap
 
     @app.post("/detokenize", responses=error_responses(400, 401, 404, 503))
     async def detokenize(req: DetokenizeRequest):
-        state.check_model(req.model)
-        if engine.tokenizer is None:
-            raise invalid("tokens", "this model has no tokenizer", "unsupported_value")
+        tokens_request(req, "tokens")
         vocab = engine.cfg.vocab_size
         bad = [t for t in req.tokens if not 0 <= t < vocab]
         if bad:
