@@ -32,7 +32,7 @@ def test_n_greedy_choices_equal_alone(tiny_llama, policy):
     out = finish(engine)["n3"]
     assert [o.index for o in out.outputs] == [0, 1, 2]
     assert [o.token_ids for o in out.outputs] == [solo] * 3
-    assert engine.budget.used == 0 and not engine.requests
+    assert engine.budget.query_bytes == 0 and not engine.requests
 
 
 def test_baton_pd_prefills_the_prompt_once(tiny_llama):
@@ -78,7 +78,7 @@ def test_n_with_preemption_and_abort_leave_nothing(tiny_llama):
     solo.add_request("s", PROMPT, SamplingParams(max_tokens=20, temperature=0, ignore_eos=True))
     want = finish(solo)["s"].outputs[0].token_ids
     assert [o.token_ids for o in got["low"].outputs] == [want] * 3
-    assert engine.budget.used == 0 and not engine.requests
+    assert engine.budget.query_bytes == 0 and not engine.requests
 
 
 @pytest.mark.parametrize("policy", ["baton-pd", "baton", "orca"])

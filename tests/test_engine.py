@@ -71,7 +71,7 @@ def test_abort_frees_row_within_one_iteration(tiny_llama, policy):
     while engine.has_unfinished_requests():
         result = [o for o in engine.step() if o.finished] or result
     assert result[0].outputs[0].token_ids == ref[0].outputs[0].token_ids
-    assert engine.budget.used == 0
+    assert engine.budget.query_bytes == 0
 
 
 def test_unknown_model_path_and_corrupt_gguf(tmp_path):

@@ -42,7 +42,7 @@ def test_rebatching_invariance(policy, seed, tiny_llama, reference, monkeypatch)
     assert sorted(got) == list(range(len(reqs))), "a request was lost"
     for i, ref in enumerate(reference[seed]):
         assert got[i] == ref, f"request {i} differs under {policy}"
-    assert engine.budget.used == 0 and not engine.requests
+    assert engine.budget.query_bytes == 0 and not engine.requests
     if policy in ("baton", "baton-pd"):
         # The workload must really exercise shaping: joins into a wider and into a
         # narrower batch, and rows reused after leaving (14 queries, 3 rows).
@@ -63,4 +63,4 @@ def test_baton_pd_invariance_at_any_prefill_budget(max_prefill_tokens, pool_size
                          pool_size=pool_size)
     got = run_arrivals(engine, workload(0))
     assert [got[i] for i in range(len(got))] == reference[0]
-    assert engine.budget.used == 0 and engine.budget.resident == 0 and not engine.requests
+    assert engine.budget.query_bytes == 0 and engine.budget.query_resident == 0 and not engine.requests

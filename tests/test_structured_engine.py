@@ -60,7 +60,7 @@ def test_constrained_output_does_not_depend_on_the_batch(tiny_with_tokenizer, po
         assert got[i].token_ids == alone[i].token_ids, (i, reqs[i][1].structured)
     if policy == "baton-pd":
         assert engine.policy.stats.preemptions > 0  # constrained rows were preempted and resumed
-    assert engine.budget.used == 0 and not engine.requests
+    assert engine.budget.query_bytes == 0 and not engine.requests
     # and the constraints held
     for i, (_, params, _) in enumerate(reqs):
         spec, out = params.structured, got[i]

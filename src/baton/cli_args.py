@@ -20,6 +20,12 @@ def add_engine_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--max-num-seqs", type=int, default=32)
     p.add_argument("--max-model-len", type=int, default=None)
     p.add_argument("--kv-cache-bytes", type=int, default=None)
+    p.add_argument("--enable-prefix-caching", action=argparse.BooleanOptionalAction, default=True,
+                   help="reuse the prefilled K/V of shared prompt prefixes (system prompts, chat history) under "
+                        "baton-pd and orca (default on; --no-enable-prefix-caching: off)")
+    p.add_argument("--prefix-cache-bytes", type=int, default=None,
+                   help="most KV budget bytes the prefix cache may hold (default: half the budget); it is "
+                        "evicted first whenever a query needs the room")
     p.add_argument("--kv-cache-dtype", default="auto", choices=["auto", "float32", "bfloat16", "float16"],
                    help="auto: the model's dtype")
     p.add_argument("--max-prefill-tokens", type=int, default=1024,
@@ -36,7 +42,8 @@ def engine_kwargs(args) -> dict:
                 max_num_seqs=args.max_num_seqs, max_model_len=args.max_model_len,
                 kv_cache_bytes=args.kv_cache_bytes, kv_cache_dtype=args.kv_cache_dtype,
                 max_prefill_tokens=args.max_prefill_tokens,
-                pool_size=args.pool_size, max_preemptions=args.max_preemptions, num_threads=args.num_threads)
+                pool_size=args.pool_size, max_preemptions=args.max_preemptions, num_threads=args.num_threads,
+                enable_prefix_caching=args.enable_prefix_caching, prefix_cache_bytes=args.prefix_cache_bytes)
 
 
 def add_sampling_args(p: argparse.ArgumentParser) -> None:

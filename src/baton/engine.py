@@ -28,7 +28,7 @@ from typing import Optional, Sequence as Seq, Union
 import torch
 
 from . import platform
-from .cache import KVBudget, KVSpec, resolve_kv_dtype
+from .cache import KVBudget, KVSpec, PrefixCache, resolve_kv_dtype
 from .errors import InvalidRequest, check_unicode
 from .models.loader import MODEL_IMPLS, load_model
 from .outputs import CompletionOutput, OutputProcessor, RequestOutput
@@ -39,6 +39,11 @@ from .sequence import Request, Sequence, Status
 from .tokenizer import Tokenizer, load_tokenizer
 
 log = logging.getLogger("baton.engine")
+
+# The policies whose queries are prefilled into caches of their own, where a
+# cached prefix can be copied in first (static and inline baton feed prompts in
+# the batch itself).
+PREFIX_CACHING_POLICIES = ("baton-pd", "orca")
 
 __all__ = ["CompletionOutput", "EngineConfig", "LLMEngine", "RequestOutput"]
 
@@ -60,6 +65,9 @@ class EngineConfig:
     kv_cache_dtype: str = "auto"    # auto: the model's dtype
     num_threads: Optional[int] = None
     record_timeline: bool = False
+    enable_prefix_caching: bool = True   # baton-pd and orca: reuse prefilled K/V of shared prefixes
+    prefix_cache_bytes: Optional[int] = None  # of the KV budget (default: half of it); it gives way first
+    prefix_block_size: int = 16
 
     def validate(self):
         if self.policy not in POLICIES:
@@ -76,6 +84,10 @@ class EngineConfig:
         if self.model_impl not in MODEL_IMPLS:
             raise ValueError(f"model_impl must be one of {', '.join(MODEL_IMPLS)}; got {self.model_impl!r}")
         resolve_kv_dtype(self.kv_cache_dtype, torch.float32)  # raises on a bad name
+        if self.prefix_cache_bytes is not None and self.prefix_cache_bytes < 0:
+            raise ValueError(f"prefix_cache_bytes must be >= 0; got {self.prefix_cache_bytes}")
+        if self.prefix_block_size < 1:
+            raise ValueError(f"prefix_block_size must be >= 1; got {self.prefix_block_size}")
         if not (0 < self.kv_cache_fraction <= 1):
             raise ValueError(f"kv_cache_fraction must be in (0, 1]; got {self.kv_cache_fraction}")
 
@@ -126,6 +138,10 @@ class LLMEngine:
         config = self.config
         kwargs = dict(max_num_seqs=config.max_num_seqs, max_prefill_tokens=config.max_prefill_tokens,
                       record_timeline=config.record_timeline)
+        if config.enable_prefix_caching and config.policy in PREFIX_CACHING_POLICIES:
+            capacity = config.prefix_cache_bytes if config.prefix_cache_bytes is not None else self.budget.limit // 2
+            kwargs["prefix_cache"] = PrefixCache(self.kv_spec, self.budget, capacity, config.prefix_block_size,
+                                                 salt=str(config.model))
         if config.policy == "baton-pd":
             kwargs.update(pool_size=config.pool_size, max_preemptions=config.max_preemptions)
         return POLICIES[config.policy](self.kv_spec, self.budget, **kwargs)
@@ -301,10 +317,12 @@ class LLMEngine:
                         self.outputs.finish(seq, "error", message)
                         choices.append(self.outputs.choice(seq, delta, []))
                 outputs.append(self._output(request, choices))
-            stats = self.policy.stats
+            stats, old_cache = self.policy.stats, self.policy.prefix_cache
             self.budget.reset()
             self.policy = self._make_policy()
             self.policy.stats = stats  # lifetime counters (iterations, preemptions) carry on
+            if old_cache is not None and self.policy.prefix_cache is not None:
+                self.policy.prefix_cache.stats = old_cache.stats  # its blocks went with the failed state
             return outputs
 
     def _sampled(self, plan) -> tuple[list[Sequence], list[int]]:
@@ -412,6 +430,16 @@ class LLMEngine:
         return out
 
     # ------------------------------------------------------------ introspection
+    def _prefix_stats(self) -> dict:
+        pc = self.policy.prefix_cache
+        if pc is None:
+            return {}
+        st = pc.stats
+        return {"prefix_cache_bytes": pc.nbytes, "prefix_cache_capacity_bytes": pc.capacity,
+                "prefix_cache_queries": st.queries, "prefix_cache_query_hits": st.query_hits,
+                "prefix_cache_tokens": st.tokens, "prefix_cache_token_hits": st.token_hits,
+                "prefix_cache_evictions": st.evictions}
+
     def stats(self) -> dict:
         p = self.policy
         return {
@@ -420,9 +448,9 @@ class LLMEngine:
             "waiting": len(p.waiting),
             "prefilled": p.num_prefilled,
             "parked": p.num_parked,
-            "kv_bytes_used": self.budget.used,
+            "kv_bytes_used": self.budget.query_bytes,  # the prefix cache's bytes are prefix_cache_bytes
             "kv_bytes_peak": self.budget.peak,
-            "kv_bytes_resident": self.budget.resident,
+            "kv_bytes_resident": self.budget.query_resident,
             "kv_bytes_resident_peak": self.budget.resident_peak,
             "kv_bytes_budget": self.budget.limit,
             "kv_bytes_live": p.live_tokens() * p.slot,
@@ -435,6 +463,7 @@ class LLMEngine:
             "step_seconds": self.step_seconds,
             "forward_seconds": self.runner.seconds,
             "overhead_share": 1 - self.runner.seconds / self.step_seconds if self.step_seconds else 0.0,
+            **self._prefix_stats(),
             "kv_copy_seconds": self.budget.copy_seconds,  # overhead parts: KV allocation and copies,
             "sample_seconds": self.sample_seconds,        # the sampler; the rest is scheduling and Python
         }

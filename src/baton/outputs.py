@@ -41,6 +41,7 @@ class RequestOutput:
     # per prompt token: None for the first, else (token_id, logprob, [(id, logprob), ...]);
     # complete once the prompt is prefilled (None when not asked for)
     prompt_logprobs: Optional[list] = None
+    num_cached_tokens: int = 0  # prompt tokens whose K/V came from the prefix cache
 
     @property
     def new_token_ids(self) -> list[int]:
@@ -175,7 +176,8 @@ class OutputProcessor:
         finished = all(s.is_finished for s in request.seqs)
         errors = [s.error for s in request.seqs if s.error]
         out = RequestOutput(request.request_id, request.prompt_ids, outputs, finished, error=errors[0] if errors
-                            else None, prompt_logprobs=request.prompt_logprobs)
+                            else None, prompt_logprobs=request.prompt_logprobs,
+                            num_cached_tokens=request.seqs[0].cached_tokens)
         if finished:
             seqs = request.seqs
             firsts = [s.first_token_time for s in seqs if s.first_token_time is not None]

@@ -50,6 +50,7 @@ class Sequence:
     # of this query's prompt KV (and a first token from its logits) after its prefill
     followers: list = field(default_factory=list)
     matcher: object = None  # structured output: the grammar state of this query's text
+    cached_tokens: int = 0  # prompt tokens whose K/V came from the prefix cache
     device: InitVar[object] = None  # where the logits are: the generator must live there
 
     def __post_init__(self, device):

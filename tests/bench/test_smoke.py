@@ -109,3 +109,20 @@ def test_structured_bench_smoke(default_model_path, tmp_path):
     assert "Median ratio" in report(res, "test machine")
     _plot(res, tmp_path / "p.png")
     assert (tmp_path / "p.png").stat().st_size > 0 and SCHEMA["required"]
+
+
+def test_prefix_bench_smoke(tiny_model_dir, monkeypatch):
+    """`baton bench prefix`, tiny: every workload off and on, hits where prefixes are shared."""
+    from baton.bench import prefix
+    from testutil import load_cached
+
+    monkeypatch.setattr(prefix, "workloads", lambda vocab, quick, seed: (
+        [(0.0, f"s{i}", list(range(3, 43)) + [50 + i], 3) for i in range(3)],
+        (list(range(3, 23)), {c: [[60 + c, 61], [62, 63 + c]] for c in range(2)}, 2),
+        [(0.0, f"u{i}", [100 + i] * 20, 3) for i in range(2)]))
+    model, tok = load_cached(tiny_model_dir)
+    res = prefix.run_bench(model, tok, True, 0, dict(model=tiny_model_dir, dtype="float32", max_num_seqs=4,
+                                                     kv_cache_bytes=1 << 28), progress=False)
+    assert res["shared"]["off"]["cached_tokens"] == 0 and res["shared"]["on"]["cached_tokens"] > 0
+    assert res["chat"]["on"]["hit_requests"] >= 2 and res["unique"]["on"]["cached_tokens"] == 0
+    assert "TTFT p50 off/on" in prefix.report(res, "test", {})

@@ -279,7 +279,7 @@ def test_rebatching_invariance(name, tiny):
         assert sorted(got) == list(range(len(reqs))), f"a request was lost under {policy}"
         for i, ref in enumerate(reference):
             assert got[i] == ref, f"{name}: request {i} differs under {policy}"
-        assert engine.budget.used == 0 and not engine.requests
+        assert engine.budget.query_bytes == 0 and not engine.requests
     print(f"{name}: invariance under {', '.join(POLICIES)} ({time.perf_counter() - t0:.1f} s)")
 
 

@@ -64,7 +64,7 @@ def test_high_priority_preempts_and_victim_output_is_unchanged(tiny_llama, monke
     assert results["high"] == alone(tiny_llama, HIGH, 10)
     for rid, prompt in LOW.items():
         assert results[rid] == alone(tiny_llama, prompt, 30), rid
-    assert engine.budget.used == 0
+    assert engine.budget.query_bytes == 0
 
 
 def test_starvation_guard_bounds_preemptions(tiny_llama):

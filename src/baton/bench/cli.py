@@ -272,7 +272,7 @@ def add_parser(subparsers) -> argparse.ArgumentParser:
     # (`baton bench beyond`, `baton bench perf`, `baton bench impls`) when they are present.
     import importlib
 
-    for name in ("beyond", "perf", "impls", "structured"):
+    for name in ("beyond", "perf", "impls", "structured", "prefix"):
         try:
             mod = importlib.import_module(f"{__package__}.{name}")
             if hasattr(mod, "add_parser"):

@@ -53,14 +53,34 @@ class KVBudget:
         self.resident_peak = 0
         self.copy_seconds = 0.0  # wall time the caches spent allocating and copying KV
         self.copying = False
+        # what holds bytes it can give back on demand (the prefix cache): asked
+        # before a reservation is refused, so it never keeps a query out
+        self.reclaimers: list = []
+        self.cache_bytes = 0  # of `used` (and `resident`): what the reclaimers hold
 
     def reset(self) -> None:
         """Nothing held any more: every cache charged to this budget was dropped
         (the engine replaced its scheduler). Peaks and timings are kept."""
         self.used = self.resident = 0
         self.copying = False
+        self.reclaimers = []
+        self.cache_bytes = 0
 
-    def fits(self, extra: int) -> bool:
+    @property
+    def query_bytes(self) -> int:
+        """Bytes reserved for queries (all but what the prefix cache holds)."""
+        return self.used - self.cache_bytes
+
+    @property
+    def query_resident(self) -> int:
+        return self.resident - self.cache_bytes
+
+    def fits(self, extra: int, reclaim: bool = True) -> bool:
+        if self.used + extra <= self.limit:
+            return True
+        if reclaim:
+            for give_back in self.reclaimers:
+                give_back(extra)
         return self.used + extra <= self.limit
 
     def take(self, nbytes: int) -> None:

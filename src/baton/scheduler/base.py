@@ -47,8 +47,9 @@ class Policy:
     shares_prompts = False
 
     def __init__(self, spec: KVSpec, budget: KVBudget, max_num_seqs: int, max_prefill_tokens: int,
-                 record_timeline: bool = False):
+                 record_timeline: bool = False, prefix_cache=None):
         self.spec, self.budget = spec, budget
+        self.prefix_cache = prefix_cache  # PrefixCache, where the policy reuses prefilled K/V
         self.max_num_seqs = max_num_seqs
         self.max_prefill_tokens = max_prefill_tokens
         self.slot = spec.slot_bytes
@@ -105,6 +106,24 @@ class Policy:
 
     def has_work(self) -> bool:
         return bool(self.waiting) or self.num_running + self.num_prefilled + self.num_parked > 0
+
+    # ---- prefix cache
+    def _reuse_prefix(self, seq: Sequence, kv: ShapedKV, target: int) -> None:
+        """Start `seq`'s one-row cache from its longest cached prefix (its first
+        `target` tokens are to be cached; a fresh query keeps at least its last
+        prompt token to prefill, whose logits give its first token)."""
+        if self.prefix_cache is None:
+            return
+        tokens = seq.prompt_ids + seq.output_ids
+        blocks = self.prefix_cache.lookup(tokens, target if seq.output_ids else target - 1)
+        seq.num_cached = self.prefix_cache.copy_into(blocks, kv)
+        if not seq.output_ids:
+            seq.cached_tokens = seq.num_cached
+
+    def _offer_prefix(self, seq: Sequence, kv: ShapedKV, row: int) -> None:
+        """Make the K/V `seq` holds in `row` of `kv` available to later queries."""
+        if self.prefix_cache is not None and seq.num_cached and seq.error is None:
+            self.prefix_cache.insert(seq.prompt_ids + seq.output_ids, kv, row, seq.num_cached)
 
     # ---- accounting
     def account(self, computed: int, useful: int) -> None:

@@ -118,6 +118,8 @@ class BatonPDPolicy(BatonPolicy):
         return bool(self.waiting or self.pool)
 
     def _free(self, seq: Sequence) -> None:
+        if seq.row is not None:  # a finished query's prompt and outputs: the next turn of its chat
+            self._offer_prefix(seq, self.batch.cache, seq.row)
         if seq in self.pool:
             self.pool.remove(seq)
         self._free_entry(seq)
@@ -211,16 +213,27 @@ class BatonPDPolicy(BatonPolicy):
         seq = self.waiting[0]
         fresh = len({id(s.kv) for s in self.pool if s.status is Status.PREFILLED})
         room = fresh < self.pool_size or all(seq.sort_key < s.sort_key for s in self.pool)
-        if not room or not self._pool_admission_fits(seq):
+        if not room or not self._pool_admission_fits(seq) or self._prefix_pending(seq):
             return None
         try:
             seq.kv = ShapedKV(self.spec, self.budget, rows=1, width=self._target(seq))
         except KVBudgetExceeded:
             return None
         self.waiting.pop(0)
+        self._reuse_prefix(seq, seq.kv, self._target(seq))
         seq.status = Status.PREFILLED
         self.pool.append(seq)
         return seq
+
+    def _prefix_pending(self, seq: Sequence) -> bool:
+        """Whether a pooled query still being prefilled starts with the same block as
+        `seq`: then `seq` waits for it, to copy that prefix instead of computing it
+        again (a burst of requests with one system prompt is prefilled once)."""
+        pc = self.prefix_cache
+        if pc is None or seq.output_ids or seq.prompt_len <= pc.block_size:
+            return False
+        head = seq.prompt_ids[:pc.block_size]
+        return any(s.num_cached < self._target(s) and s.prompt_ids[:pc.block_size] == head for s in self.pool)
 
     def _plan_prefill(self) -> list[tuple[Sequence, list[int], bool]]:
         """This iteration's prefill into the pool, at most max_prefill_tokens: the
@@ -233,6 +246,8 @@ class BatonPDPolicy(BatonPolicy):
             if seq is None:
                 break
             todo = (seq.prompt_ids + seq.output_ids)[seq.num_cached: self._target(seq)]
+            if not todo:  # a recomputed query found whole in the prefix cache: ready as it is
+                continue
             chunk = todo[:budget]
             # A fresh query samples its first token at the end of its prefill; a
             # recomputed one already has its pending token.
@@ -246,6 +261,8 @@ class BatonPDPolicy(BatonPolicy):
         # pool holding the same entry (each gets its first token from the same logits).
         for seg in plan.segments:
             for seq, wants in zip(seg.owners, seg.sample):
+                if seg.cache is seq.kv and seq.num_cached == self._target(seq):
+                    self._offer_prefix(seq, seq.kv, 0)  # prefilled: its prompt's blocks for others
                 if wants and seq.followers and seg.cache is seq.kv and not seq.output_ids \
                         and seq.num_cached == self._target(seq):
                     for f in seq.followers:

@@ -33,6 +33,7 @@ class OrcaPolicy(Policy):
         if seq in self.running:
             self.running.remove(seq)
         if isinstance(seq.kv, ShapedKV):
+            self._offer_prefix(seq, seq.kv, 0)  # prompt and outputs: the next turn of its chat
             seq.kv.release()
             seq.kv = None
 
@@ -44,8 +45,16 @@ class OrcaPolicy(Policy):
             except KVBudgetExceeded:
                 return
             self.waiting.pop(0)
+            self._reuse_prefix(seq, seq.kv, seq.prompt_len)
             seq.status = Status.RUNNING
             self.running.append(seq)
+
+    def commit(self, plan: Plan, computed: int) -> None:
+        super().commit(plan, computed)
+        for seg in plan.segments:
+            seq = seg.owners[0]
+            if seq.num_cached == seq.prompt_len and not seq.output_ids:
+                self._offer_prefix(seq, seq.kv, 0)  # prefilled: its prompt's blocks for others
 
     def schedule(self) -> Plan:
         self._admit()

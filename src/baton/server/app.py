@@ -191,6 +191,7 @@ class Result:
     prompt_tokens: int
     prompt_logprobs: Optional[list]
     error: Optional[str]
+    cached_tokens: int = 0
 
     @property
     def completion_tokens(self) -> int:
@@ -237,7 +238,7 @@ async def _collect(state: "ServerState", streams: list[RequestStream], request: 
     async def gather():
         async for i, ev in _merge(streams):
             r = results[i]
-            r.prompt_tokens = ev.prompt_tokens
+            r.prompt_tokens, r.cached_tokens = ev.prompt_tokens, ev.cached_tokens
             if ev.prompt_logprobs is not None:
                 r.prompt_logprobs = ev.prompt_logprobs
             for c in ev.choices:
@@ -299,13 +300,14 @@ def _stream_response(state: "ServerState", request: Request, streams: list[Reque
         finished = False
         tokens = [dict() for _ in streams]  # per request: choice index -> tokens so far
         prompts = [0] * len(streams)
+        cached = [0] * len(streams)
 
         def usage_now():
-            return usage(sum(prompts), sum(sum(t.values()) for t in tokens))
+            return usage(sum(prompts), sum(sum(t.values()) for t in tokens), sum(cached))
 
         try:
             async for i, ev in _merge(streams):
-                prompts[i] = ev.prompt_tokens
+                prompts[i], cached[i] = ev.prompt_tokens, ev.cached_tokens
                 if ev.error:
                     yield _sse(error_body(ev.error, "server_error", None, "engine_error"))
                     finished = True
@@ -543,7 +545,8 @@ def create_app(engine, served_model_name: Union[str, list[str], None] = None, ap
                     ch["prompt_logprobs"] = prompt_logprobs_entries(r.prompt_logprobs, state.token_text)
                 choices.append(ch)
         body = chunk(choices)
-        body["usage"] = usage(sum(r.prompt_tokens for r in results), sum(r.completion_tokens for r in results))
+        body["usage"] = usage(sum(r.prompt_tokens for r in results), sum(r.completion_tokens for r in results),
+                              sum(r.cached_tokens for r in results))
         return body
 
     # ------------------------------------------------------------ chat
@@ -695,7 +698,7 @@ def create_app(engine, served_model_name: Union[str, list[str], None] = None, ap
                             "logprobs": chat_logprobs(c.entries, state.token_text) if want_lp else None,
                             "finish_reason": reason})
         body = {"id": rid, "object": "chat.completion", "created": created, "model": model_name,
-                "choices": choices, "usage": usage(r.prompt_tokens, r.completion_tokens)}
+                "choices": choices, "usage": usage(r.prompt_tokens, r.completion_tokens, r.cached_tokens)}
         if r.prompt_logprobs is not None:
             body["prompt_logprobs"] = prompt_logprobs_entries(r.prompt_logprobs, state.token_text)
         return body

@@ -56,6 +56,7 @@ class StreamEvent:
     finished: bool            # every choice finished
     error: Optional[str] = None  # the request failed (its own fault or the engine's)
     prompt_logprobs: Optional[list] = None  # on the final event, when asked for
+    cached_tokens: int = 0  # prompt tokens served from the prefix cache
 
     @property
     def num_tokens(self) -> int:
@@ -312,7 +313,8 @@ class AsyncEngine:
             if not events and not out.error:
                 continue
             ev = StreamEvent(out.request_id, events, len(out.prompt_token_ids), out.finished, error=out.error,
-                             prompt_logprobs=out.prompt_logprobs if out.finished else None)
+                             prompt_logprobs=out.prompt_logprobs if out.finished else None,
+                             cached_tokens=out.num_cached_tokens)
             batch.append((stream, ev))
             new_tokens = sum(len(c.new_token_ids) for c in events)
             self.generated_tokens += new_tokens

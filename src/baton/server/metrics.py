@@ -32,6 +32,8 @@ class _EngineCollector:
             ("baton_kv_cache_resident_bytes", "KV cache bytes allocated now", "kv_bytes_resident"),
             ("baton_kv_cache_budget_bytes", "KV cache byte budget", "kv_bytes_budget"),
             ("baton_kv_cache_live_bytes", "KV cache bytes holding live tokens", "kv_bytes_live"),
+            ("baton_prefix_cache_bytes", "Prefix cache bytes held (part of the KV budget)", "prefix_cache_bytes"),
+            ("baton_prefix_cache_capacity_bytes", "Prefix cache byte capacity", "prefix_cache_capacity_bytes"),
         ]
         for name, doc, key in gauges:
             g = GaugeMetricFamily(name, doc)
@@ -49,6 +51,17 @@ class _EngineCollector:
         c = CounterMetricFamily("baton_engine_iterations", "Engine iterations (engine lifetime)")
         c.add_metric([], float(st.get("iterations", 0) or 0))
         yield c
+        for name, doc, key in [
+            ("baton_prefix_cache_queries", "Prefix cache lookups (one per query prefilled)", "prefix_cache_queries"),
+            ("baton_prefix_cache_query_hits", "Lookups that reused cached K/V", "prefix_cache_query_hits"),
+            ("baton_prefix_cache_tokens", "Prompt tokens looked up in the prefix cache", "prefix_cache_tokens"),
+            ("baton_prefix_cache_token_hits", "Prompt tokens whose K/V came from the prefix cache",
+             "prefix_cache_token_hits"),
+            ("baton_prefix_cache_evictions", "Prefix cache blocks evicted", "prefix_cache_evictions"),
+        ]:
+            c = CounterMetricFamily(name, doc)
+            c.add_metric([], float(st.get(key, 0) or 0))
+            yield c
         c = CounterMetricFamily("baton_idle_token_rows", "Token-rows computed for padding or finished queries")
         c.add_metric([], float(st.get("idle_token_rows", 0) or 0))
         yield c

@@ -449,9 +449,11 @@ def chat_logprobs(entries: list, token_text: TokenText) -> dict:
 
 # ---------------------------------------------------------------- responses
 
-def usage(prompt_tokens: int, completion_tokens: int) -> dict:
+def usage(prompt_tokens: int, completion_tokens: int, cached_tokens: int = 0) -> dict:
+    """OpenAI's usage object; cached_tokens: prompt tokens served from the prefix cache."""
     return {"prompt_tokens": prompt_tokens, "completion_tokens": completion_tokens,
-            "total_tokens": prompt_tokens + completion_tokens}
+            "total_tokens": prompt_tokens + completion_tokens,
+            "prompt_tokens_details": {"cached_tokens": cached_tokens}}
 
 
 def prompt_logprobs_entries(entries: Optional[list], token_text: "TokenText") -> Optional[list]:
