@@ -267,13 +267,18 @@ class LLMEngine:
             request = self.requests.get(request_id)
             if request is None:
                 raise KeyError(f"no running request with id {request_id!r}")
-            choices = []
-            for seq in request.seqs:
-                if not seq.is_finished:
-                    delta = self.outputs.flush(seq)
-                    self._finish(seq, "abort")
-                    choices.append(self.outputs.choice(seq, delta, []))
-            return self._output(request, choices)
+            return self._output(request, self._end_choices(request, lambda seq: self._finish(seq, "abort")))
+
+    def _end_choices(self, request: Request, end) -> list:
+        """End each unfinished choice of `request` with `end(seq)`, handing out
+        what its output held back; returns those choices' outputs."""
+        choices = []
+        for seq in request.seqs:
+            if not seq.is_finished:
+                delta = self.outputs.flush(seq)
+                end(seq)
+                choices.append(self.outputs.choice(seq, delta, []))
+        return choices
 
     def has_unfinished_requests(self) -> bool:
         """Whether step() has work: a known request, or anything the scheduler
@@ -292,7 +297,10 @@ class LLMEngine:
                     masks = self._start_masks(seqs)
                     out = self.runner.execute(plan)
                     self.policy.commit(plan, out.computed)
-                    self._prompt_logprobs(out.prompt_logits)
+                    for seq, start, rows_logits in out.prompt_logits:
+                        request = self.requests.get(seq.request_id)
+                        if request is not None and seq.index == 0:  # the prompt's own: once per request
+                            self.outputs.add_prompt_logprobs(request, start, rows_logits)
                     logits = out.logits
                     if logits is not None and len(rows) != logits.shape[0]:
                         logits = logits[torch.tensor(rows, device=logits.device)]
@@ -310,13 +318,8 @@ class LLMEngine:
         with self.lock:
             outputs = []
             for request in list(self.requests.values()):
-                choices = []
-                for seq in request.seqs:
-                    if not seq.is_finished:
-                        delta = self.outputs.flush(seq)
-                        self.outputs.finish(seq, "error", message)
-                        choices.append(self.outputs.choice(seq, delta, []))
-                outputs.append(self._output(request, choices))
+                ended = self._end_choices(request, lambda seq: self.outputs.finish(seq, "error", message))
+                outputs.append(self._output(request, ended))
             stats, old_cache = self.policy.stats, self.policy.prefix_cache
             self.budget.reset()
             self.policy = self._make_policy()
@@ -347,28 +350,6 @@ class LLMEngine:
         if not rows:
             return None
         return rows, self.grammar.fill_async([seqs[i].matcher for i in rows])
-
-    def _prompt_logprobs(self, prompt_logits) -> None:
-        """prompt_logprobs: the logprob of each prompt token given the ones before
-        it (and the top-N), from the logits of the positions fed this step."""
-        for seq, start, logits in prompt_logits:
-            request = self.requests.get(seq.request_id)
-            if request is None or request.prompt_logprobs is None or seq.index != 0:
-                continue
-            have = len(request.prompt_logprobs)  # entries for prompt[0..have-1]
-            first = have - 1 - start  # logits row predicting prompt[have]
-            if first < 0 or first >= logits.shape[0]:
-                continue
-            lp = logits[first:].float().log_softmax(-1)
-            targets = torch.tensor(seq.prompt_ids[have: have + lp.shape[0]], device=lp.device)
-            chosen = lp.gather(1, targets.view(-1, 1)).squeeze(1).tolist()
-            n = seq.params.prompt_logprobs
-            if n:
-                vals, ids = torch.topk(lp, n)
-                tops = [list(zip(i, v)) for i, v in zip(ids.tolist(), vals.tolist())]
-            else:
-                tops = [[] for _ in chosen]
-            request.prompt_logprobs.extend(zip(targets.tolist(), chosen, tops))
 
     def _update(self, seqs: list[Sequence], logits, masks=None) -> list[RequestOutput]:
         """Sample a token for each of `seqs` (one per logits row) and hand it to the

@@ -10,6 +10,8 @@ import time
 from dataclasses import dataclass, field
 from typing import Optional
 
+import torch
+
 from .sequence import Sequence, Status
 from .tokenizer import IncrementalDetokenizer, Tokenizer
 
@@ -148,6 +150,28 @@ class OutputProcessor:
             reason = "length"
         return st.emit(final=reason is not None), reason
 
+    def add_prompt_logprobs(self, request, start: int, logits) -> None:
+        """prompt_logprobs: the logprob of each prompt token given the ones before
+        it (and the top-N), from the logits [k, vocab] of the positions start..
+        start+k-1 a prefill chunk fed; positions already done (a recomputed
+        prefill) are skipped."""
+        if request.prompt_logprobs is None:
+            return
+        have = len(request.prompt_logprobs)  # entries for prompt[0..have-1]
+        first = have - 1 - start  # logits row predicting prompt[have]
+        if first < 0 or first >= logits.shape[0]:
+            return
+        lp = logits[first:].float().log_softmax(-1)
+        targets = torch.tensor(request.prompt_ids[have: have + lp.shape[0]], device=lp.device)
+        chosen = lp.gather(1, targets.view(-1, 1)).squeeze(1).tolist()
+        n = request.seqs[0].params.prompt_logprobs
+        if n:
+            vals, ids = torch.topk(lp, n)
+            tops = [list(zip(i, v)) for i, v in zip(ids.tolist(), vals.tolist())]
+        else:
+            tops = [[] for _ in chosen]
+        request.prompt_logprobs.extend(zip(targets.tolist(), chosen, tops))
+
     def flush(self, seq: Sequence) -> str:
         """What was held back, for a request ending outside append (abort, error)."""
         st = self.states.get(id(seq))
@@ -173,7 +197,7 @@ class OutputProcessor:
             if seq.index not in by_index:
                 by_index[seq.index] = self.choice(seq, "", [])
         outputs = [by_index[i] for i in sorted(by_index)]
-        finished = all(s.is_finished for s in request.seqs)
+        finished = request.is_finished
         errors = [s.error for s in request.seqs if s.error]
         out = RequestOutput(request.request_id, request.prompt_ids, outputs, finished, error=errors[0] if errors
                             else None, prompt_logprobs=request.prompt_logprobs,
