@@ -150,7 +150,3 @@ class PrefixCache:
         from stays alive (it holds a reference) until that copy is done."""
         while self.blocks and not self.budget.fits(nbytes, reclaim=False):
             self._evict_one()
-
-    def clear(self) -> None:
-        while self._evict_one():
-            pass

@@ -129,8 +129,7 @@ class ServerState:
             for request_id, prepare in jobs:
                 streams.append(await self.submit(request_id, prepare, renames))
         except BaseException:
-            for st in streams:
-                self.async_engine.abort(st.request_id)
+            _abort_all(self, streams)
             raise
         return streams
 

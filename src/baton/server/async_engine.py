@@ -58,15 +58,6 @@ class StreamEvent:
     prompt_logprobs: Optional[list] = None  # on the final event, when asked for
     cached_tokens: int = 0  # prompt tokens served from the prefix cache
 
-    @property
-    def num_tokens(self) -> int:
-        """Output tokens so far, all choices (the final event has them all)."""
-        return sum(c.num_tokens for c in self.choices)
-
-    @property
-    def finish_reason(self) -> Optional[str]:
-        return self.choices[0].finish_reason if self.choices else None
-
 
 class RequestStream:
     """What a handler consumes: the request's events, in order, ending with one
