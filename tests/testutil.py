@@ -44,11 +44,12 @@ def engine_device() -> str:
 
 
 @functools.lru_cache(maxsize=None)
-def load_cached(path: str, dtype: str = "float32", model_impl: str = "auto"):
+def load_cached(path: str, dtype: str = "float32", model_impl: str = "auto", native_kernels: bool = True):
+    """native_kernels=False: the eager reference path (no C++ kernels)."""
     from baton.models.loader import load_model
     from baton.tokenizer import load_tokenizer
 
-    model, cfg = load_model(path, dtype, engine_device(), model_impl=model_impl)
+    model, cfg = load_model(path, dtype, engine_device(), model_impl=model_impl, native_kernels=native_kernels)
     return model, load_tokenizer(path, cfg.eos_token_ids)
 
 

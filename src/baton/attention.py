@@ -64,7 +64,7 @@ def attention_over_cache(q, keys, values, mask, scale, softcap: Optional[float] 
 class ShapedAttention:
     """AttentionContext over rows 0..B-1 of a ShapedKV, columns 0..W-1."""
 
-    def __init__(self, cache: ShapedKV, starts: list[int], counts: list[int]):
+    def __init__(self, cache: ShapedKV, starts: list[int], counts: list[int], fused: bool = True):
         device = cache.device
         B = len(starts)
         T = max(max(counts), 1)
@@ -72,6 +72,7 @@ class ShapedAttention:
         self.W = max(s + c for s, c in zip(starts, counts)) if any(counts) else max(starts) + 1
         self.W = max(self.W, 1)
         starts_t = torch.tensor(starts, device=device)
+        self.starts_t = starts_t
         # One row feeding a run of tokens (a prefill or a chunk of one): contiguous
         # columns, written by slicing and attended with SDPA's fused kernel.
         self.span = (starts[0], starts[0] + T) if B == 1 and T > 1 and counts[0] == T else None
@@ -89,10 +90,14 @@ class ShapedAttention:
         # One row decoding one token (Orca's requests, a pool entry's last token): the
         # columns attended are exactly the row's tokens, so no mask and a slice write.
         self.single = (starts[0], starts[0] + 1) if B == 1 and counts == [1] and self.W == starts[0] + 1 else None
+        self.decode_kernel = None
         if T == 1 and all(c == 1 for c in counts):
             # Decode: every row writes one token at its own length.
             self.dst = (torch.arange(B, device=device), starts_t)
             self.src = None
+            # The fused kernel writes and attends per row, from the rows' lengths alone.
+            if fused:
+                self.decode_kernel = platform.decode_attention_kernel(cache.dtype, device)
         else:
             b_idx = [b for b in range(B) for _ in range(counts[b])]
             t_idx = [t for b in range(B) for t in range(counts[b])]
@@ -127,6 +132,9 @@ class ShapedAttention:
 
     def attend(self, layer: AttentionLayer, q, k, v):
         kc, vc = self.cache.k[layer.index], self.cache.v[layer.index]
+        if self.src is None and self.decode_kernel is not None and q.dtype == torch.float32:
+            return self.decode_kernel(q, kc, vc, k, v, self.starts_t, layer.scale, layer.window or 0,
+                                      layer.softcap or 0.0)
         k, v = k.to(kc.dtype), v.to(kc.dtype)
         window = layer.window if layer.window is not None and layer.window < self.W else None
         if self.span is not None and layer.softcap is None:

@@ -4,6 +4,23 @@ from __future__ import annotations
 
 import argparse
 
+QUANTIZATION_CHOICES = ("none", "int8", "int4")
+QUANTIZATION_HELP = ("weight-only group-wise quantization of the linear layers at load time (int8: 8-bit, int4: "
+                     "4-bit with scale and min per 32 weights, llama.cpp's Q8_0/Q4_1 layouts); none keeps the "
+                     "checkpoint's weights")
+
+
+def add_quantization_arg(p: argparse.ArgumentParser) -> None:
+    """--quantization / -q {none,int8,int4} (as vLLM's flag; quantization_value() maps none to None)."""
+    p.add_argument("--quantization", "-q", default="none", choices=QUANTIZATION_CHOICES,
+                   help=QUANTIZATION_HELP + " (default none)")
+
+
+def quantization_value(args):
+    """args.quantization as the loaders take it: None, "int8" or "int4"."""
+    q = getattr(args, "quantization", None)
+    return None if q in (None, "none") else q
+
 
 def add_engine_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--model", default=None, help="HF model directory or .gguf file (default: SmolLM2-135M-Instruct)")
@@ -13,6 +30,7 @@ def add_engine_args(p: argparse.ArgumentParser) -> None:
                         "In bfloat16, greedy output can depend on which other requests share the batch (the "
                         "kernels round differently per batch shape: 16 of 32 prompts differed alone vs batched in "
                         "one measurement); float32 output does not")
+    add_quantization_arg(p)
     p.add_argument("--device", default="cpu", help="cpu, cuda or cuda:N")
     p.add_argument("--model-impl", default="auto", choices=["auto", "native", "transformers"],
                    help="auto: baton's own model file for the architecture when there is one, else HF "
@@ -37,7 +55,8 @@ def add_engine_args(p: argparse.ArgumentParser) -> None:
 
 
 def engine_kwargs(args) -> dict:
-    return dict(model=args.model, policy=args.policy, dtype=args.dtype, device=args.device,
+    return dict(model=args.model, policy=args.policy, dtype=args.dtype, quantization=quantization_value(args),
+                device=args.device,
                 model_impl=args.model_impl,
                 max_num_seqs=args.max_num_seqs, max_model_len=args.max_model_len,
                 kv_cache_bytes=args.kv_cache_bytes, kv_cache_dtype=args.kv_cache_dtype,

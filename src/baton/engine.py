@@ -32,6 +32,7 @@ from .cache import KVBudget, KVSpec, PrefixCache, resolve_kv_dtype
 from .errors import InvalidRequest, check_unicode
 from .models.loader import MODEL_IMPLS, load_model
 from .outputs import CompletionOutput, OutputProcessor, RequestOutput
+from .platform.quant import KINDS as QUANT_KINDS, check_quantization
 from .runner import ModelRunner
 from .sampling import SamplingParams, sample
 from .scheduler import POLICIES
@@ -53,6 +54,7 @@ class EngineConfig:
     model: Optional[str] = None
     policy: str = "baton-pd"
     dtype: str = "auto"
+    quantization: Optional[str] = None  # None ("none"), "int8" or "int4": weight-only, when the engine loads the model
     device: str = "cpu"
     model_impl: str = "auto"        # native family file, or the HF transformers backend
     max_num_seqs: int = 32
@@ -80,6 +82,11 @@ class EngineConfig:
             raise ValueError(f"pool_size must be >= 1; got {self.pool_size}")
         if self.max_preemptions < 0:
             raise ValueError(f"max_preemptions must be >= 0; got {self.max_preemptions}")
+        try:
+            self.quantization = check_quantization(self.quantization)  # "none" -> None
+        except (ValueError, TypeError):
+            raise ValueError(f"quantization must be one of none, {', '.join(QUANT_KINDS)} (or None); "
+                             f"got {self.quantization!r}") from None
         platform.resolve_device(self.device)  # raises when the device is not here
         if self.model_impl not in MODEL_IMPLS:
             raise ValueError(f"model_impl must be one of {', '.join(MODEL_IMPLS)}; got {self.model_impl!r}")
@@ -114,7 +121,8 @@ class LLMEngine:
         if model is None:
             from .models.loader import default_model_path
             path = config.model or default_model_path()
-            model, _ = load_model(path, config.dtype, config.device, model_impl=config.model_impl, progress=True)
+            model, _ = load_model(path, config.dtype, config.device, model_impl=config.model_impl, progress=True,
+                                  quantization=config.quantization)
             tokenizer = tokenizer or load_tokenizer(path, model.cfg.eos_token_ids)
         self.model, self.cfg, self.tokenizer = model, model.cfg, tokenizer
         self.max_model_len = resolve_max_model_len(config.max_model_len, self.cfg.max_position_embeddings)

@@ -14,9 +14,12 @@ Prompt = Union[str, Seq[int]]
 
 class LLM:
     def __init__(self, model: Optional[str] = None, policy: str = "baton-pd", dtype: str = "auto",
-                 max_num_seqs: int = 32, device: str = "cpu", **kwargs):
+                 max_num_seqs: int = 32, device: str = "cpu", quantization: Optional[str] = None, **kwargs):
+        """quantization: None, "int8" or "int4", as vLLM's `quantization=`: weight-only
+        group-wise quantization of the linear layers at load time (llama.cpp's
+        Q8_0 / Q4_1 layouts, groups of 32)."""
         self._attach(LLMEngine(EngineConfig(model=model, policy=policy, dtype=dtype, device=device,
-                                            max_num_seqs=max_num_seqs, **kwargs)))
+                                            max_num_seqs=max_num_seqs, quantization=quantization, **kwargs)))
 
     @classmethod
     def from_engine(cls, engine: LLMEngine) -> "LLM":

@@ -60,6 +60,8 @@ class ModelRunner:
     def __init__(self, model):
         self.model = model
         self.device = model.device
+        # Decode attention by the platform's fused kernel when the model runs those kernels.
+        self.fused = getattr(getattr(model, "kernel_options", None), "native", False)
         self.seconds = 0.0  # wall time in forwards (the engine reports the rest as overhead)
 
     def execute(self, plan: Plan) -> StepOutput:
@@ -69,7 +71,7 @@ class ModelRunner:
         0 for an idle seat), padded to the longest; padded tokens write no KV."""
         segments = plan.segments
         inputs = [segment_inputs(seg) for seg in segments]
-        ctxs = [ShapedAttention(seg.cache, seg.starts, [len(t) for t in seg.tokens]) for seg in segments]
+        ctxs = [ShapedAttention(seg.cache, seg.starts, [len(t) for t in seg.tokens], self.fused) for seg in segments]
         batch_idx, time_idx, flat_idx, off = [], [], [], 0
         extra = []  # prompt logprobs: (owner, start, [(b, t, flat)]), gathered after the sampled rows
         for seg, (ids, _) in zip(segments, inputs):

@@ -30,10 +30,22 @@ def _bits(t: torch.Tensor) -> bytes:
     return t.contiguous().view(torch.uint8).numpy().tobytes()
 
 
+def _q4_1_parts(f, name):
+    """(q [N, K] 0..15, d, m [N, K/32]) of a Q4_1 matrix, straight from ggml's block layout."""
+    if f.info(name).ggml_type != G.Q4_1 or len(f.shape(name)) != 2:
+        return None
+    N, K = f.shape(name)
+    blocks = f.raw(name).reshape(N, K // 32, 20)
+    d = blocks[..., 0:2].copy().view(np.float16)[..., 0].astype(np.float32)
+    m = blocks[..., 2:4].copy().view(np.float16)[..., 0].astype(np.float32)
+    qs = blocks[..., 4:]
+    return np.concatenate([qs & 0x0F, qs >> 4], axis=-1).reshape(N, K), d, m
+
+
 def _reference_model(path: str, dtype: torch.dtype):
     """(state dict, int4 parts) as the previous loader built them: every tensor
-    dequantized by gguf, fixed up, cast, concatenated; Q4_1 parts from
-    q4_1_parts (numpy), fixed up, concatenated, then packed as Int4Linear did."""
+    dequantized by gguf, fixed up, cast, concatenated; Q4_1 parts from the raw
+    blocks, fixed up, concatenated, then packed as Int4Linear did."""
     from baton.models.loader import GGUFMeta, hf_to_gguf_names
     from baton.models.registry import gguf_family
 
@@ -46,7 +58,7 @@ def _reference_model(path: str, dtype: torch.dtype):
     for ours, theirs in family.hf_weight_map(cfg).items():
         pieces = [fix(cfg, hf, _reference_tensor(f, to_gguf[hf])).to(dtype) for hf in theirs]
         state[ours] = pieces[0] if len(pieces) == 1 else torch.cat(pieces)
-        parts = [f.q4_1_parts(to_gguf[hf]) for hf in theirs]
+        parts = [_q4_1_parts(f, to_gguf[hf]) for hf in theirs]
         if ours.endswith(".weight") and all(p is not None for p in parts):
             q, d, m = (torch.cat([torch.from_numpy(np.ascontiguousarray(fix(cfg, hf, p[j])))
                                   for hf, p in zip(theirs, parts)]) for j in range(3))
@@ -58,14 +70,21 @@ def _reference_model(path: str, dtype: torch.dtype):
 
 
 def _check_model_matches_reference(path: str, dtype: str):
-    from baton.platform.cpu import Int4Linear
+    """Every weight equals the reference bit for bit: a dense one as it is, one kept
+    only as quantized blocks (baton's float32 kernels) once dequantized."""
+    from baton.platform.cpu import Int4Linear, NativeQuantLinear
 
     model, cfg = load_model(path, dtype)
     ref_state, ref_int4 = _reference_model(path, model.dtype)
     state = model.state_dict()
+    blocks = {n + ".weight": m.kernel.quant for n, m in model.named_modules()
+              if isinstance(getattr(m, "kernel", None), NativeQuantLinear)}
     for name, ref in ref_state.items():
-        assert state[name].dtype == ref.dtype and state[name].shape == ref.shape, name
-        assert _bits(state[name]) == _bits(ref), name
+        ours = blocks[name].dequantize().to(ref.dtype) if state[name].numel() == 0 else state[name]
+        assert ours.dtype == ref.dtype and ours.shape == ref.shape, name
+        assert _bits(ours) == _bits(ref), name
+    if model.cfg.tie_word_embeddings and "lm_head.weight" in blocks:  # the tied lm_head reads the embedding's
+        assert _bits(blocks["lm_head.weight"].dequantize()) == _bits(ref_state["embed.weight"].float())
     kernels = {n: m.kernel for n, m in model.named_modules() if isinstance(getattr(m, "kernel", None), Int4Linear)}
     if model.dtype == torch.bfloat16 and kernels:
         # int4 runs where the platform puts it (no bias): those layers match the old parts exactly
@@ -258,14 +277,9 @@ def _assert_dequantize_matches_gguf(path) -> set:
     seen = set()
     for name in f.tensor_names:
         seen.add(f.info(name).ggml_type)
-        w, parts = f.dequantize(name, q4_1_parts=True)
+        w = f.dequantize(name)
         assert w.dtype == torch.float32 and tuple(w.shape) == f.shape(name)
         assert _bits(w) == _bits(_reference_tensor(f, name)), name
-        ref_parts = f.q4_1_parts(name)
-        assert (parts is None) == (ref_parts is None), name
-        if parts is not None:
-            for ours, ref in zip(parts, ref_parts):
-                assert ours.dtype == ref.dtype and ours.shape == ref.shape and np.array_equal(ours, ref), name
         out = torch.empty(f.shape(name))
         assert f.tensor(name, out=out) is out and torch.equal(out, w)
     return seen
@@ -284,13 +298,15 @@ def test_tiny_dequantize_is_bit_identical_to_gguf(tiny_gguf):
         assert G.BF16 in seen
 
 
-def test_q4_1_parts_rebuild_the_weights(default_model_path):
+def test_gguf_blocks_rebuild_the_weights(default_model_path):
+    from baton.platform.quant import from_gguf_blocks
+
     f = G.GGUFFile(default_model_path, remember=False)
-    name = "blk.3.ffn_down.weight"
-    q, d, m = f.q4_1_parts(name)
-    assert q.dtype == np.uint8 and q.max() <= 15 and d.shape == m.shape == (q.shape[0], q.shape[1] // 32)
-    w = (np.repeat(d, 32, axis=1) * q + np.repeat(m, 32, axis=1)).astype(np.float32)
-    assert np.array_equal(w, f.tensor(name).numpy())
+    for name, kind, size in (("blk.3.ffn_down.weight", "q4_1", 20), ("token_embd.weight", "q8_0", 34)):
+        N, K = f.shape(name)
+        qw = from_gguf_blocks(kind, f.raw(name).reshape(N, K // 32, size))
+        assert qw.shape == (N, K) and qw.d.shape == (N, K // 32)
+        assert torch.equal(qw.dequantize(), f.tensor(name)), name
 
 
 def test_default_model_weights_and_int4_parts_match_previous_loader(default_model_path):

@@ -207,7 +207,8 @@ def table(rows: dict, cols: list[str]) -> str:
     return head + body
 
 
-def main(model_path: Optional[str], dtype: str, quick: bool, out_dir: str, num_threads: Optional[int]) -> dict:
+def main(model_path: Optional[str], dtype: str, quick: bool, out_dir: str, num_threads: Optional[int],
+         quantization: Optional[str] = None) -> dict:
     import torch
 
     from ..models.loader import load_model
@@ -215,11 +216,12 @@ def main(model_path: Optional[str], dtype: str, quick: bool, out_dir: str, num_t
 
     if num_threads:
         torch.set_num_threads(num_threads)
-    model, cfg = load_model(model_path, dtype)
+    model, cfg = load_model(model_path, dtype, quantization=quantization)
     tok = None  # token-id prompts: no tokenizer needed
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
-    data = {"machine": machine_info(model.dtype, torch.get_num_threads()), "quick": quick, "model": model_path or "default"}
+    data = {"machine": machine_info(model.dtype, torch.get_num_threads()), "quick": quick,
+            "model": model_path or "default", "quantization": quantization or "none"}
     for key, fn in tqdm([("priority", priority_experiment), ("prefill", prefill_experiment),
                          ("memory", memory_experiment)], desc="beyond"):
         data[key] = fn(model, tok, quick)
@@ -246,9 +248,12 @@ def main(model_path: Optional[str], dtype: str, quick: bool, out_dir: str, num_t
 
 
 def add_parser(subparsers) -> None:
+    from ..cli_args import add_quantization_arg
+
     p = subparsers.add_parser("beyond", help="preemption, stall-free prefill and memory budgets (beyond the paper)")
     p.add_argument("--model", default=None, help="HF model directory or .gguf file (default: SmolLM2-135M-Instruct)")
     p.add_argument("--dtype", default="auto")
+    add_quantization_arg(p)
     p.add_argument("--quick", action="store_true", help="a small version (about a minute)")
     p.add_argument("--num-threads", type=int, default=None)
     p.add_argument("--out", default="benchmarks/results/beyond")
@@ -256,5 +261,7 @@ def add_parser(subparsers) -> None:
 
 
 def cmd_beyond(args) -> int:
-    main(args.model, args.dtype, args.quick, args.out, args.num_threads)
+    from ..cli_args import quantization_value
+
+    main(args.model, args.dtype, args.quick, args.out, args.num_threads, quantization_value(args))
     return 0

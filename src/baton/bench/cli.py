@@ -89,7 +89,10 @@ def cmd_throughput(args) -> int:
     if args.num_threads:
         torch.set_num_threads(args.num_threads)
     policies = parse_policies(args.policy)
-    loaded = load_for_bench(args.model, args.dtype)
+    from ..cli_args import quantization_value
+
+    quantization = quantization_value(args)
+    loaded = load_for_bench(args.model, args.dtype, quantization=quantization)
     reqs = _make_requests(args, loaded.cfg.vocab_size, loaded.tokenizer)
     out = Path(args.out or f"{DEFAULT_OUT}/throughput")
     out.mkdir(parents=True, exist_ok=True)
@@ -103,14 +106,16 @@ def cmd_throughput(args) -> int:
     from .report import machine_info
 
     result = {"machine": machine_info(loaded.dtype, torch.get_num_threads()), "model": loaded.path,
-              "dataset": args.dataset, "workload": workload_summary(reqs), "rows": rows}
+              "quantization": quantization or "none", "dataset": args.dataset, "workload": workload_summary(reqs),
+              "rows": rows}
     path = out / "throughput.json"
     path.write_text(json.dumps(result, indent=1, default=str))
     w = result["workload"]
     print(f"{w['num_requests']} requests, prompts {w['prompt_len']['min']}-{w['prompt_len']['max']} "
           f"(total {w['prompt_len']['total']}), outputs {w['output_len']['min']}-{w['output_len']['max']} "
           f"(total {w['output_len']['total']}) tokens; model {Path(loaded.path).name}, "
-          f"{result['machine']['dtype']}, {torch.get_num_threads()} threads")
+          f"{result['machine']['dtype']}{f', {quantization}' if quantization else ''}, "
+          f"{torch.get_num_threads()} threads")
     print(format_table(rows))
     bad = [r for r in rows if r["completed"] != r["num_requests"] or r["output_len_mismatches"]]
     for r in bad:
@@ -199,12 +204,15 @@ def cmd_paper(args) -> int:
 # ------------------------------------------------------------------ registration
 
 def add_parser(subparsers) -> argparse.ArgumentParser:
+    from ..cli_args import add_quantization_arg
+
     bench = subparsers.add_parser("bench", help="benchmarks: throughput, serve, paper")
     sub = bench.add_subparsers(dest="bench_command", required=True)
 
     t = sub.add_parser("throughput", help="offline throughput of one or several policies")
     t.add_argument("--model", default=None, help="HF model directory or .gguf file (default: SmolLM2-135M-Instruct)")
     t.add_argument("--dtype", default="auto", help="auto, float32 or bfloat16")
+    add_quantization_arg(t)
     t.add_argument("--policy", default="all", help="comma-separated policies or all (default all)")
     _workload_args(t, 64)
     t.add_argument("--max-num-seqs", type=int, default=16, help="batch size (default 16)")
@@ -272,7 +280,7 @@ def add_parser(subparsers) -> argparse.ArgumentParser:
     # (`baton bench beyond`, `baton bench perf`, `baton bench impls`) when they are present.
     import importlib
 
-    for name in ("beyond", "perf", "impls", "structured", "prefix"):
+    for name in ("beyond", "perf", "impls", "structured", "prefix", "ppl"):
         try:
             mod = importlib.import_module(f"{__package__}.{name}")
             if hasattr(mod, "add_parser"):

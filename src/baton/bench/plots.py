@@ -90,10 +90,10 @@ def table2_plot(rows: Sequence[dict], path: Path, title: str = "") -> Path:
     return path
 
 
-def perf_bars(perf: dict, path: Path, baselines: Sequence[str]) -> Path:
+def perf_bars(perf: dict, path: Path, baselines: Sequence[str], decode_baselines: Sequence[str] = ()) -> Path:
     """Decode speed per batch: end-to-end output tok/s of baton against the
-    `baselines` rows of perf["rows"] (left), decode-only tok/s against llama.cpp's
-    figures from the notes (right)."""
+    `baselines` rows of perf["rows"] (left), decode-only tok/s against the
+    `decode_baselines` rows, such as llama.cpp measured in the same run (right)."""
     rows, batches = perf["rows"], [r["batch"] for r in next(iter(perf["rows"].values()))]
     baton_name = next(iter(rows))
     fig, (left, right) = plt.subplots(1, 2, figsize=(10, 3.8))
@@ -115,11 +115,13 @@ def perf_bars(perf: dict, path: Path, baselines: Sequence[str]) -> Path:
     e2e += [(name, [r["e2e_output_tok_s"] for r in rows[name]], color)
             for name, color in zip(baselines, (COLORS["hf-generate"], "#c5b0d5")) if name in rows]
     group(left, e2e, "end-to-end output tok/s", "baton vs HF transformers, same requests")
-    ref = perf["llama_cpp_reference"]["decode_bf16"]
     decode = [(baton_name, [r["decode_tok_s"] for r in rows[baton_name]], COLORS["baton-pd"])]
-    if all(b in ref for b in batches):
-        decode.append(("llama.cpp BF16 (notes)", [ref[b] for b in batches], "#7f7f7f"))
-    group(right, decode, "decode-only tok/s", "decode speed vs llama.cpp")
+    for name, color in zip(decode_baselines, ("#7f7f7f", "#bcbd22", "#17becf")):
+        by_batch = {r["batch"]: r["decode_tok_s"] for r in rows.get(name, [])}
+        if all(b in by_batch for b in batches):
+            decode.append((f"{name} (measured)", [by_batch[b] for b in batches], color))
+    group(right, decode, "decode-only tok/s", "decode speed" + (" vs " + ", ".join(
+        n for n in decode_baselines if n in rows) if any(n in rows for n in decode_baselines) else ""))
     fig.tight_layout()
     fig.savefig(path, dpi=110)
     plt.close(fig)

@@ -152,6 +152,7 @@ def report(res: dict, machine: str, cfg: dict) -> str:
 def cmd_prefix(args) -> int:
     import torch
 
+    from ..cli_args import quantization_value
     from ..models.loader import default_model_path, load_model
     from ..platform import configure
     from ..tokenizer import load_tokenizer
@@ -159,9 +160,11 @@ def cmd_prefix(args) -> int:
 
     configure("cpu", args.num_threads)
     path = args.model or default_model_path()
-    model, cfg = load_model(path, args.dtype, "cpu")
+    quantization = quantization_value(args)
+    model, cfg = load_model(path, args.dtype, "cpu", quantization=quantization)
     tok = load_tokenizer(path, cfg.eos_token_ids)
-    engine_kwargs = dict(model=path, dtype=args.dtype, policy=args.policy, max_num_seqs=args.max_num_seqs,
+    engine_kwargs = dict(model=path, dtype=args.dtype, quantization=quantization, policy=args.policy,
+                         max_num_seqs=args.max_num_seqs,
                          num_threads=args.num_threads)
     res = run_bench(model, tok, args.quick, args.seed, engine_kwargs, progress=not args.no_progress)
     m = machine_info(model.dtype, torch.get_num_threads())
@@ -177,10 +180,13 @@ def cmd_prefix(args) -> int:
 
 
 def add_parser(subparsers) -> None:
+    from ..cli_args import add_quantization_arg
+
     p = subparsers.add_parser("prefix", help="prefix caching on vs off: shared system prompt, multi-turn chat, "
                                              "no shared prefix")
     p.add_argument("--model", default=None)
     p.add_argument("--dtype", default="auto")
+    add_quantization_arg(p)
     p.add_argument("--policy", default="baton-pd")
     p.add_argument("--max-num-seqs", type=int, default=16)
     p.add_argument("--num-threads", type=int, default=None)

@@ -104,10 +104,16 @@ def _valid(text: str) -> bool:
         return False
 
 
+def _quant_note(res: dict) -> str:
+    q = res.get("quantization", "none")
+    return f" ({q} weights)" if q != "none" else ""
+
+
 def report(res: dict, machine: str) -> str:
     lines = [f"# Cost of structured output: {res['num_requests']} concurrent JSON-schema chat requests",
              "", f"Machine: {machine}. Default model (SmolLM2-135M-Instruct GGUF), policy {res['policy']}, "
-                 f"dtype {res['dtype']}, greedy; max_tokens {res['max_tokens']} for the constrained requests, "
+                 f"dtype {res['dtype']}{_quant_note(res)}, greedy; max_tokens {res['max_tokens']} for the "
+                 f"constrained requests, "
                  f"each unconstrained twin held to its constrained run's token count (ignore_eos).", "",
              "| round | constrained tok/s | unconstrained tok/s | ratio | valid JSON | sampler s (c / u) |",
              "|---:|---:|---:|---:|---:|---:|"]
@@ -120,15 +126,18 @@ def report(res: dict, machine: str) -> str:
 
 
 def cmd_structured(args) -> int:
+    from ..cli_args import quantization_value
     from ..engine import EngineConfig, LLMEngine
     from .report import machine_info
 
-    engine = LLMEngine(EngineConfig(model=args.model, dtype=args.dtype, max_num_seqs=max(16, args.num_requests),
+    engine = LLMEngine(EngineConfig(model=args.model, dtype=args.dtype, quantization=quantization_value(args),
+                                    max_num_seqs=max(16, args.num_requests),
                                     num_threads=args.num_threads))
     res = run_bench(engine, args.num_requests, args.max_tokens, args.rounds, progress=not args.no_progress)
     import torch
 
-    res.update(policy=engine.config.policy, dtype=str(engine.model.dtype).replace("torch.", ""))
+    res.update(policy=engine.config.policy, dtype=str(engine.model.dtype).replace("torch.", ""),
+               quantization=engine.config.quantization or "none")
     machine = machine_info(engine.model.dtype, torch.get_num_threads())
     res["machine"] = machine
     out = Path(args.out)
@@ -165,10 +174,13 @@ def _plot(res: dict, path: Path) -> None:
 
 
 def add_parser(subparsers) -> None:
+    from ..cli_args import add_quantization_arg
+
     p = subparsers.add_parser("structured", help="cost of JSON-schema constraints: concurrent constrained vs "
                                                  "unconstrained requests through the server")
     p.add_argument("--model", default=None, help="model (default: SmolLM2-135M-Instruct)")
     p.add_argument("--dtype", default="auto")
+    add_quantization_arg(p)
     p.add_argument("--num-requests", type=int, default=16)
     p.add_argument("--max-tokens", type=int, default=128)
     p.add_argument("--rounds", type=int, default=3)

@@ -37,12 +37,13 @@ class Loaded:
     dtype: torch.dtype
 
 
-def load_for_bench(model_path: Optional[str], dtype: str = "auto", device: str = "cpu") -> Loaded:
+def load_for_bench(model_path: Optional[str], dtype: str = "auto", device: str = "cpu",
+                   quantization: Optional[str] = None, native_kernels: bool = True) -> Loaded:
     from ..models.loader import default_model_path, load_model
     from ..tokenizer import load_tokenizer
 
     path = model_path or default_model_path()
-    model, cfg = load_model(path, dtype, device)
+    model, cfg = load_model(path, dtype, device, quantization=quantization, native_kernels=native_kernels)
     tok = load_tokenizer(path, cfg.eos_token_ids)
     return Loaded(model, cfg, tok, str(path), model.dtype)
 

@@ -1,4 +1,4 @@
-"""One parse of a GGUF file: metadata, tensors (dequantized, or Q4_1's raw parts),
+"""One parse of a GGUF file: metadata, tensors (dequantized, or their raw blocks),
 and what the tokenizer needs, so nothing reads the file twice.
 
 The header is parsed here, not by `gguf.GGUFReader`: that reader builds a numpy
@@ -339,13 +339,13 @@ class GGUFFile:
     def tensor(self, name: str, out: Optional[torch.Tensor] = None) -> torch.Tensor:
         """Dequantized to float32, [out, in] for a matrix; into `out` (float32,
         contiguous, same number of elements) if given."""
-        return self.dequantize(name, out)[0]
+        return self.dequantize(name, out)
 
-    def dequantize(self, name: str, out: Optional[torch.Tensor] = None, q4_1_parts: bool = False):
-        """(float32 tensor, parts): the tensor dequantized (into `out` if given), and
-        with q4_1_parts for a Q4_1 matrix its q4_1_parts() (numpy) from the same
-        pass, else None. Bit-identical to gguf.quants.dequantize: Q4_1 is d * q + m
-        and Q8_0 d * q, each operation rounded to float32 (no fused multiply-add)."""
+    def dequantize(self, name: str, out: Optional[torch.Tensor] = None) -> torch.Tensor:
+        """The tensor dequantized to float32 (into `out` if given). Bit-identical to
+        gguf.quants.dequantize: Q4_1 is d * q + m and Q8_0 d * q, each operation
+        rounded to float32 (no fused multiply-add). A GGUF's quantized blocks as
+        they are: platform/quant.py from_gguf_blocks."""
         t = self._tensors[name]
         shape = t.shape
         n = 1
@@ -357,7 +357,6 @@ class GGUFFile:
             raise ValueError(f"out for {name!r} must be a contiguous float32 tensor of {n} elements")
         w = out.numpy().reshape(-1)  # shares out's memory
         raw = self.raw(name)
-        parts = None
         # numpy, not torch, for the arithmetic: it is single-threaded, and torch's
         # two OpenMP threads ran these ops 10-20x slower whenever the other core
         # was busy (a shared 2-core host); numpy is also what gguf's reference runs.
@@ -381,30 +380,11 @@ class GGUFFile:
             wb = w.reshape(-1, 32)
             np.multiply(q, dm[:, :1], out=wb)
             np.add(wb, dm[:, 1:], out=wb)
-            if q4_1_parts and len(shape) == 2:
-                N, K = shape
-                parts = (q.reshape(N, K), np.ascontiguousarray(dm[:, 0]).reshape(N, K // 32),
-                         np.ascontiguousarray(dm[:, 1]).reshape(N, K // 32))
         else:
             from gguf import GGMLQuantizationType
             from gguf.quants import dequantize
 
             arr = dequantize(raw, GGMLQuantizationType(t.ggml_type))
             np.copyto(w, np.asarray(arr, dtype=np.float32).reshape(-1))
-        return out, parts
+        return out
 
-    def q4_1_parts(self, name: str) -> Optional[tuple[np.ndarray, np.ndarray, np.ndarray]]:
-        """A Q4_1 matrix as (q [N, K] ints 0..15, d and m [N, K/32], float32) with
-        w = d*q + m; None for any other type. Block layout (ggml): fp16 d, fp16 m,
-        then 16 bytes whose low nibbles hold elements 0..15 and high nibbles 16..31."""
-        t = self._tensors[name]
-        shape = t.shape
-        if t.ggml_type != Q4_1 or len(shape) != 2:
-            return None
-        N, K = shape
-        blocks = self.raw(name).reshape(N, K // 32, 20)
-        d = blocks[..., 0:2].copy().view(np.float16)[..., 0].astype(np.float32)
-        m = blocks[..., 2:4].copy().view(np.float16)[..., 0].astype(np.float32)
-        qs = blocks[..., 4:]
-        q = np.concatenate([qs & 0x0F, qs >> 4], axis=-1).reshape(N, K)
-        return q, d, m

@@ -2,8 +2,11 @@
 (AttentionContext), linear layers, norms, rotary embeddings and MLPs.
 
 Layers say what they compute. Which kernel runs a Linear on a given device
-(oneDNN prepacking, packed int4, ...) is chosen by `baton.platform`, which
+(oneDNN prepacking, quantized blocks, ...) is chosen by `baton.platform`, which
 installs a kernel on the layer; with none, it is plain F.linear (the reference).
+Likewise the platform may hand norms, the MLP's activation and the rotary a
+fused-kernel module (`native`: platform/native.py); without one they run the
+eager PyTorch below, the reference those kernels are tested against.
 """
 from __future__ import annotations
 
@@ -82,6 +85,8 @@ class Linear(nn.Linear):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         kernel = self.kernel
         if kernel is not None:
+            if getattr(kernel, "nd", False):  # takes [..., in] as it is
+                return kernel(x)
             return kernel(x.reshape(-1, self.in_features)).view(*x.shape[:-1], self.out_features)
         return F.linear(x, self.weight, self.bias)
 
@@ -91,13 +96,29 @@ class Linear(nn.Linear):
 class RMSNorm(nn.Module):
     """RMSNorm; `offset` 1.0 gives Gemma's (1 + weight) form (weights stored as w - 1)."""
 
+    native = None  # fused kernels (set by the platform for float32 on CPU)
+
     def __init__(self, dim: int, eps: float, offset: float = 0.0):
         super().__init__()
         self.eps, self.offset = eps, offset
         self.weight = nn.Parameter(torch.ones(dim) if not offset else torch.zeros(dim))
         self._scale: Optional[torch.Tensor] = None
 
+    def add_forward(self, x: torch.Tensor, residual: Optional[torch.Tensor]):
+        """(norm(x + residual), x + residual); with residual None, (norm(x), x). The
+        fused kernel adds into `residual` in place: it must be the stream's own tensor."""
+        if residual is None:
+            return self.forward(x), x
+        native = self.native
+        if native is not None:
+            return native.add_rms_norm(x, residual, self.weight, self.eps), residual
+        residual = x + residual
+        return self.forward(residual), residual
+
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        native = self.native
+        if native is not None:
+            return native.rms_norm(x, self.weight, self.eps)
         if not self.offset:
             # One fused kernel (accumulates in float32 for low-precision inputs).
             return F.rms_norm(x, self.weight.shape, self.weight, self.eps)
@@ -182,13 +203,19 @@ def activation(name: str):
 class GatedMLP(nn.Module):
     """down(act(gate(x)) * up(x)), gate and up fused in one GEMM (SwiGLU, GeGLU)."""
 
+    act_mul = None  # fused act(gate) * up on [..., 2I] (set by the platform where one exists)
+
     def __init__(self, hidden: int, intermediate: int, act: str = "silu"):
         super().__init__()
         self.gate_up = Linear(hidden, 2 * intermediate, bias=False)
         self.down = Linear(intermediate, hidden, bias=False)
         self.act = activation(act)
+        self.act_name = act
 
     def forward(self, x):
+        act_mul = self.act_mul
+        if act_mul is not None:
+            return self.down.forward(act_mul(self.gate_up.forward(x)))
         gate, up = self.gate_up.forward(x).chunk(2, dim=-1)
         return self.down.forward(self.act(gate) * up)
 

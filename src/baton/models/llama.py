@@ -19,6 +19,8 @@ from .registry import Family, hf_eos, hf_rope, register
 
 
 class Attention(nn.Module):
+    rope_ = None  # fused in-place rotary (qkv, cos, sin, heads), set by the platform where one exists
+
     def __init__(self, cfg: ModelConfig, layer: int):
         super().__init__()
         self.n_heads, self.n_kv, self.head_dim = cfg.num_heads, cfg.num_kv_heads, cfg.head_dim
@@ -31,16 +33,23 @@ class Attention(nn.Module):
 
     def forward(self, x, cos, sin, ctx: AttentionContext):
         B, T, _ = x.shape
-        qkv = self.qkv.forward(x).view(B, T, self.n_heads + 2 * self.n_kv, self.head_dim)
-        # Rotary on q and k together: one set of ops for both.
-        qk = apply_rope(qkv[:, :, : self.n_heads + self.n_kv], cos, sin)
-        q, k = qk.split((self.n_heads, self.n_kv), dim=2)
-        v = qkv[:, :, self.n_heads + self.n_kv:]
+        H, KV = self.n_heads, self.n_kv
+        qkv = self.qkv.forward(x).view(B, T, H + 2 * KV, self.head_dim)
+        if self.rope_ is not None:
+            self.rope_(qkv, cos, sin, H + KV)
+            q, k, v = qkv.split((H, KV, KV), dim=2)
+        else:  # rotary on q and k together: one set of ops for both
+            qk = apply_rope(qkv[:, :, : H + KV], cos, sin)
+            q, k = qk.split((H, KV), dim=2)
+            v = qkv[:, :, H + KV:]
         return self.o.forward(ctx.attend(self.spec, q, k, v))
 
 
 class Block(nn.Module):
     attention_class = Attention  # families that differ only in attention subclass with their own
+    # The platform's fused halves of this block (norm + QKV + rotary, then O + norm +
+    # MLP) around the attention context; None: the code below.
+    fused = None
 
     def __init__(self, cfg: ModelConfig, layer: int):
         super().__init__()
@@ -49,11 +58,18 @@ class Block(nn.Module):
         self.mlp_norm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
         self.mlp = GatedMLP(cfg.hidden_size, cfg.intermediate_size, cfg.hidden_act)
 
-    def forward(self, x, cos, sin, ctx):
+    def forward(self, x, residual, cos, sin, ctx):
+        """(this block's MLP output, the residual stream before it): the residual add
+        is left to the next norm, which does it in the same kernel."""
+        fused = self.fused
+        if fused is not None:
+            q, k, v, residual = fused.pre(x, residual, cos, sin)
+            return fused.post(ctx.attend(self.attn.spec, q, k, v), residual)
         # Submodules' forward is called directly: nn.Module.__call__'s hook checks
         # cost ~2 us each, ~9 per layer, a tenth of a batch-1 decode step.
-        x = x + self.attn.forward(self.attn_norm.forward(x), cos, sin, ctx)
-        return x + self.mlp.forward(self.mlp_norm.forward(x))
+        h, residual = self.attn_norm.add_forward(x, residual)
+        h, residual = self.mlp_norm.add_forward(self.attn.forward(h, cos, sin, ctx), residual)
+        return self.mlp.forward(h), residual
 
 
 class LlamaModel(DecoderModel):
@@ -82,10 +98,12 @@ class LlamaModel(DecoderModel):
         time idx) -> [N, vocab]; all positions if None."""
         x = self.embed(input_ids)
         cos, sin = self.rotary.forward(positions, self.dtype)
+        residual = None
         for block in self.layers:
-            x = block.forward(x, cos, sin, ctx)
-        x = x[logit_index] if logit_index is not None else x
-        return self.lm_head.forward(self.norm.forward(x))
+            x, residual = block.forward(x, residual, cos, sin, ctx)
+        if logit_index is not None:
+            x, residual = x[logit_index], residual[logit_index]
+        return self.lm_head.forward(self.norm.add_forward(x, residual)[0])
 
 
 # ---------------------------------------------------------------- checkpoints

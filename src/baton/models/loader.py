@@ -8,7 +8,6 @@ import contextlib
 import importlib.util
 import json
 from pathlib import Path
-from types import SimpleNamespace
 from typing import Iterable, Optional
 
 import numpy as np
@@ -170,11 +169,17 @@ def choose_impl(model_type: str, model_impl: str, where: str) -> Optional[Family
 
 
 def load_model(path: Optional[str] = None, dtype="auto", device="cpu", int4_small_batch: bool = True,
-               prepack: bool = True, model_impl: str = "auto", progress: bool = False):
-    """Returns (model, config). With int4_small_batch, Q4_1 weights of a GGUF are
-    also kept packed as int4 for few-token steps (bf16 on CPU only; see
-    platform/cpu.py). With prepack, linear weights get the device's prepared
-    kernels (oneDNN-blocked copies on CPU)."""
+               prepack: bool = True, model_impl: str = "auto", progress: bool = False,
+               quantization: Optional[str] = None, native_kernels: bool = True):
+    """Returns (model, config). With int4_small_batch, a GGUF's Q4_1 / Q8_0 blocks
+    are also kept for few-token steps (CPU only; see platform/cpu.py). With
+    prepack, linear weights get the device's prepared kernels (oneDNN-blocked
+    copies on CPU). quantization: None, "int8" or "int4": weight-only, group-wise
+    (platform/quant.py), applied to every linear layer at load time. native_kernels:
+    baton's C++ CPU kernels where they apply (False: the eager reference path)."""
+    from ..platform.quant import check_quantization
+
+    quantization = check_quantization(quantization)
     path = path or default_model_path()
     p = Path(path)
     device = platform.resolve_device(device)
@@ -213,9 +218,10 @@ def load_model(path: Optional[str] = None, dtype="auto", device="cpu", int4_smal
                   disable=not progress, delay=PROGRESS_DELAY_S) as tensor_iter:
             tensors = dict(tensor_iter)
         model = build_model(family, cfg, build_state_dict(weight_map, tensors, torch_dtype), device, torch_dtype)
-        platform.prepare_model(model, None, prepack)
+        platform.prepare_model(model, None, prepack, quantization, native_kernels)
     elif p.suffix == ".gguf" or looks_like_gguf(p):
-        model = load_gguf_model(p, torch_dtype, device, int4_small_batch, prepack, model_impl, progress)
+        model = load_gguf_model(p, torch_dtype, device, int4_small_batch, prepack, model_impl, progress,
+                                quantization, native_kernels)
         cfg = model.cfg
     else:
         raise ModelLoadError(f"{path}: not a directory or a .gguf file")
@@ -256,7 +262,7 @@ def open_gguf(p: Path):
 
 
 def load_gguf_model(p: Path, dtype, device, int4_small_batch=True, prepack=True, model_impl="auto",
-                    progress=False) -> DecoderModel:
+                    progress=False, quantization: Optional[str] = None, native_kernels: bool = True) -> DecoderModel:
     f = open_gguf(p)
     arch = f.architecture
     family = gguf_family(arch) if model_impl != "transformers" else None
@@ -269,15 +275,16 @@ def load_gguf_model(p: Path, dtype, device, int4_small_batch=True, prepack=True,
     cfg = family.config_from_gguf(GGUFMeta(f, arch), arch)
     weight_map = family.hf_weight_map(cfg)
     to_gguf = hf_to_gguf_names(f, family)
-    # Q4_1's raw parts are worth splitting out only where the platform will run
-    # them as int4 (bf16 on CPU); it decides, given a stand-in layer.
+    # The quantized blocks are worth keeping only where the platform computes with
+    # them (on CPU: baton's kernels in float32, PyTorch's int4 GEMV in bf16), and
+    # not when the weights are quantized anew.
     device = torch.device(device)
-    probe = SimpleNamespace(weight=torch.empty(0, dtype=dtype), bias=None)
-    int4 = int4_small_batch and device.type == "cpu" and platform.cpu.int4_applies(probe)
-    state_dict, parts = read_gguf_weights(f, family, cfg, weight_map, to_gguf, dtype, int4, progress)
+    keep = (int4_small_batch and quantization is None and device.type == "cpu"
+            and platform.cpu.wants_quant_blocks(dtype, native_kernels))
+    state_dict, blocks = read_gguf_weights(f, family, cfg, weight_map, to_gguf, dtype, keep, progress)
     f.close()
     model = build_model(family, cfg, state_dict, device, dtype)
-    platform.prepare_model(model, parts or None, prepack)
+    platform.prepare_model(model, blocks or None, prepack, quantization, native_kernels)
     return model
 
 
@@ -295,16 +302,19 @@ def hf_to_gguf_names(f, family: Family) -> dict[str, str]:
 
 
 def read_gguf_weights(f, family: Family, cfg: ModelConfig, weight_map: dict[str, list[str]], to_gguf: dict,
-                      dtype, int4: bool, progress: bool = False) -> tuple[dict, dict]:
-    """(state dict, int4 parts): each of our parameters allocated once, in `dtype`,
-    and its HF pieces dequantized straight into their rows (float32; through one
-    reused float32 buffer when `dtype` is narrower), the family's fixup applied to
-    each piece as before. With `int4`, a weight whose pieces are all Q4_1 also
-    gets its (q, d, m, group) parts, fused the same way, from the same pass."""
+                      dtype, keep_blocks: bool, progress: bool = False) -> tuple[dict, dict]:
+    """(state dict, quantized blocks): each of our parameters allocated once, in
+    `dtype`, and its HF pieces dequantized straight into their rows (float32;
+    through one reused float32 buffer when `dtype` is narrower), the family's fixup
+    applied to each piece as before. With `keep_blocks`, a weight whose pieces are
+    all Q4_1 (or all Q8_0) matrices also gets them as QuantWeights, fixed up and
+    fused the same way (the fixups permute rows, and a block lies within a row)."""
     from tqdm.auto import tqdm
 
-    from .gguf import Q4_1
+    from ..platform.quant import concat_rows, from_gguf_blocks
+    from .gguf import Q4_1, Q8_0
 
+    block_kinds = {Q4_1: ("q4_1", 20), Q8_0: ("q8_0", 34)}
     for theirs in weight_map.values():
         missing = [n for n in theirs if n not in to_gguf]
         if missing:
@@ -315,7 +325,7 @@ def read_gguf_weights(f, family: Family, cfg: ModelConfig, weight_map: dict[str,
     scratch = None
     if dtype != torch.float32:  # float32 first, one cast per parameter: sized for the largest
         scratch = torch.empty(max(sum(_numel(i.shape) for i in pieces) for pieces in infos.values()))
-    state_dict, parts = {}, {}
+    state_dict, blocks = {}, {}
     bar = tqdm(total=total, desc="loading weights", unit="B", unit_scale=True, leave=False, disable=not progress,
                delay=PROGRESS_DELAY_S)
     for ours, theirs in weight_map.items():
@@ -326,30 +336,32 @@ def read_gguf_weights(f, family: Family, cfg: ModelConfig, weight_map: dict[str,
         shape = (sum(i.shape[0] for i in pieces), *rest) if rest or len(pieces) > 1 else pieces[0].shape
         out = torch.empty(shape, dtype=dtype)
         buf = out if scratch is None else scratch[:out.numel()].view(shape)
-        split = int4 and ours.endswith(".weight") and all(i.ggml_type == Q4_1 and len(i.dims) == 2 for i in pieces)
-        if split:  # numpy, as q4_1_parts gives them (and its copies are single-threaded: see gguf.py)
-            K = rest[0]
-            fused = (np.empty((shape[0], K), np.uint8), np.empty((shape[0], K // 32), np.float32),
-                     np.empty((shape[0], K // 32), np.float32))
-        row = 0
+        kinds = {i.ggml_type for i in pieces}
+        split = (keep_blocks and ours.endswith(".weight") and len(kinds) == 1 and kinds <= set(block_kinds)
+                 and all(len(i.dims) == 2 for i in pieces))
+        row, quant = 0, []
         for hf, info in zip(theirs, pieces):
             n = info.shape[0] if len(pieces) > 1 else shape[0] if shape else 1
             dst = buf[row:row + n] if len(pieces) > 1 else buf
-            w, q4 = f.dequantize(info.name, out=dst, q4_1_parts=split)
+            w = f.dequantize(info.name, out=dst)
             if fix is not None:
                 _copy_into(dst, fix(cfg, hf, w))
             if split:
-                for fused_part, part in zip(fused, q4):
-                    fused_part[row:row + n] = np.asarray(fix(cfg, hf, part) if fix is not None else part)
+                kind, size = block_kinds[info.ggml_type]
+                N, K = info.shape
+                raw = np.asarray(f.raw(info.name)).reshape(N, K // 32, size)
+                if fix is not None:
+                    raw = np.asarray(fix(cfg, hf, raw))
+                quant.append(from_gguf_blocks(kind, raw))
             row += n
             bar.update(info.nbytes)
         if buf is not out:
             out.copy_(buf)
         state_dict[ours] = out
         if split:
-            parts[ours[: -len(".weight")]] = (*(torch.from_numpy(x) for x in fused), K // fused[1].shape[1])
+            blocks[ours[: -len(".weight")]] = quant[0] if len(quant) == 1 else concat_rows(quant)
     bar.close()
-    return state_dict, parts
+    return state_dict, blocks
 
 
 def _numel(shape) -> int:

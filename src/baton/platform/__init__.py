@@ -29,13 +29,25 @@ def configure(device: Device, num_threads: Optional[int] = None) -> None:
     cpu.configure_process(num_threads)
 
 
-def prepare_model(model, int4_parts: Optional[dict] = None, prepack: bool = True) -> dict:
-    """Install the device's kernels on a loaded model's linear layers (the first
-    use of oneDNN in a process that loads a model: its cache caps apply from here)."""
+def prepare_model(model, quant_blocks: Optional[dict] = None, prepack: bool = True,
+                  quantization: Optional[str] = None, native: bool = True) -> dict:
+    """Install the device's kernels on a loaded model's layers (the first use of
+    oneDNN in a process that loads a model: its cache caps apply from here).
+    quant_blocks: a GGUF's quantized weights by module name; quantization:
+    "int8" / "int4" to quantize the linear layers now (platform/quant.py);
+    native: baton's C++ kernels where they apply (False: the eager reference path)."""
     if model.device.type == "cpu":
         cpu.configure_process()
-        return cpu.prepare_model(model, int4_parts, prepack)
+        return cpu.prepare_model(model, quant_blocks, prepack, quantization, native)
+    if quantization is not None:
+        return cuda.quantize_model(model, quantization)
     return {"prepacked": 0, "int4": 0}
+
+
+def decode_attention_kernel(cache_dtype: torch.dtype, device: torch.device):
+    """A fused kernel that writes each row's new K/V at its length and attends
+    columns up to it (per-row lengths, no mask), or None: the eager path."""
+    return cpu.decode_attention_kernel(cache_dtype) if device.type == "cpu" else None
 
 
 def available_memory(device: Device) -> int:

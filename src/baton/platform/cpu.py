@@ -1,7 +1,11 @@
 """CPU kernel choices, measured on the 2-core hosts this project runs on.
 
+- baton's fused C++ kernels (platform/native.py) for float32 models where the
+  CPU has AVX2: RMSNorm (+ residual add), rotary in place, SiLU * mul, decode
+  attention over the shaped cache, and linear layers on quantized blocks
+  (a GGUF's Q4_1 / Q8_0, or --quantization int4 / int8) or bf16 weights.
 - oneDNN prepacked GEMM for every linear layer (bf16 and fp32), probed per dtype.
-- Packed int4 GEMV for few-token steps where a GGUF's Q4_1 weights are kept.
+- Packed int4 GEMV (PyTorch's) for few-token steps of bf16 models with Q4_1 weights.
 - float32 attention over a low-precision cache slice when few query rows attend.
 - Greedy argmax by blocks (PyTorch's CPU argmax over a long row is scalar).
 - Process setup (threads, oneDNN primitive-cache caps), applied when an engine
@@ -16,6 +20,9 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 from torch import nn
+
+from . import native as native_kernels
+from .quant import QuantWeights, quantize
 
 # At or below this many tokens the int4 GEMV beats the dense GEMM (engine decode on
 # a Zen 5 host: batch 6 +10%, batch 8 +10-20%, batch 12 -5%).
@@ -91,28 +98,96 @@ class DenseLinear:
 class KernelOptions:
     """Switches shared by every kernel of one model (the benchmarks flip them)."""
 
-    def __init__(self):
+    def __init__(self, native: bool = False):
         self.int4_max_tokens = INT4_MAX_TOKENS
+        self.native = native  # baton's C++ kernels run this model (read by the model runner)
+
+
+def native_block_args(quant: QuantWeights) -> tuple:
+    """The kernel's operands for these blocks: a row's block count padded to even
+    (a zero block), q4_1 repacked into block pairs, scales as float16; then K."""
+    n, k = quant.shape
+    pad = (k // 32) % 2
+
+    def padded(t, width):
+        return torch.cat([t, t.new_zeros(n, width)], dim=1) if pad else t.contiguous()
+    if quant.kind == "q4_1":
+        pairs = native_kernels.kernels().repack_q4_1(padded(quant.qs, 16))
+        return pairs, padded(quant.d, 1).half(), padded(quant.m, 1).half(), k
+    return padded(quant.qs, 32), padded(quant.d, 1).half(), k
+
+
+class NativeQuantLinear:
+    """Linear on quantized blocks (platform/quant.py) with int8 activations, for
+    every step: one kernel whatever the token count, so a row's result does not
+    depend on the batch it runs in (and no dense copy is kept). Few-token steps
+    are bound by reading weights: Q4_1 reads 5 bits per weight, float32 32."""
+
+    __slots__ = ("quant", "bias", "fn", "args", "exact")
+    nd = True  # takes [..., K] input (Linear skips its reshapes)
+
+    def __init__(self, quant: QuantWeights, bias, float_activations: bool = False):
+        """float_activations (q8_0 only): no int8 rounding of the input, for the output
+        layer: with it, SmolLM2's greedy answer to "What is the capital of France?"
+        changed from "The capital of France is Paris." to a French word salad, at the
+        same perplexity (40.26 vs 40.24 eager, 8 chunks of the ppl text)."""
+        kernels = native_kernels.kernels()
+        self.quant, self.bias = quant, bias
+        self.args = native_block_args(quant)
+        self.exact = float_activations and quant.kind == "q8_0"
+        self.fn = (kernels.linear_q8_0_f32 if self.exact else
+                   kernels.linear_q4_1 if quant.kind == "q4_1" else kernels.linear_q8_0)
+
+    @property
+    def nbytes(self) -> int:
+        return sum(t.numel() * t.element_size() for t in self.args if isinstance(t, torch.Tensor))
+
+    def __call__(self, x):
+        return self.fn(x, *self.args, self.bias)
+
+
+class Bf16WeightLinear:
+    """float32 activations x bf16 weights, for float32 models whose weights are bf16
+    values (a BF16 checkpoint run in float32 where the CPU has no bf16 arithmetic):
+    the same values in half the bytes, every step (as NativeQuantLinear)."""
+
+    __slots__ = ("weight", "bias", "fn")
+    nd = True
+
+    def __init__(self, weight: torch.Tensor, bias):
+        self.weight = weight.detach().to(torch.bfloat16).contiguous()
+        self.bias = bias
+        self.fn = native_kernels.kernels().linear_bf16
+
+    @property
+    def nbytes(self) -> int:
+        return self.weight.numel() * 2
+
+    def __call__(self, x):
+        return self.fn(x, self.weight, self.bias)
 
 
 class Int4Linear:
     """Packed int4 weights (a GGUF Q4_1 tensor: groups of 32 with scale and min,
     mapped without further loss) for steps of at most `options.int4_max_tokens`
-    tokens, the dense kernel otherwise. Small-batch decode is bound by reading
-    weights, and int4 reads 4x fewer bytes than bf16."""
+    tokens of a bf16 model, the dense kernel otherwise. Small-batch decode is bound
+    by reading weights, and int4 reads 4x fewer bytes than bf16."""
 
     __slots__ = ("packed", "scales_zeros", "group", "dense", "options")
 
-    def __init__(self, q, d, m, group: int, dense, options: KernelOptions):
+    def __init__(self, quant: QuantWeights, dense, options: KernelOptions):
         # The widening and the scale/zero layout in numpy (single-threaded): as torch
         # ops, each of the 120 layers' few small ops paid for an OpenMP region, which
         # cost 1.5-3 s of a model load whenever the host's other core was busy.
-        q, d, m = (np.asarray(x.detach().cpu()) if isinstance(x, torch.Tensor) else np.asarray(x) for x in (q, d, m))
+        qs = quant.qs.numpy()
+        n, half = qs.shape
+        blocks = qs.reshape(n, half // 16, 16)
+        q = np.concatenate([blocks & 0x0F, blocks >> 4], axis=-1).reshape(n, half * 2)
         self.packed = torch._convert_weight_to_int4pack_for_cpu(torch.from_numpy(q.astype(np.int32)), 8)
         # The kernel computes (q - 8) * scale + zero, so zero = m + 8 * d.
-        d, m = d.astype(np.float32, copy=False), m.astype(np.float32, copy=False)
+        d, m = quant.d.numpy(), quant.m.numpy()
         self.scales_zeros = torch.from_numpy(np.stack([d.T, (m + 8 * d).T], axis=-1)).to(torch.bfloat16)
-        self.group, self.dense, self.options = group, dense, options
+        self.group, self.dense, self.options = 32, dense, options
 
     @property
     def nbytes(self) -> int:
@@ -131,28 +206,126 @@ def int4_applies(linear: nn.Linear) -> bool:
             and linear.weight.device.type == "cpu" and linear.bias is None)
 
 
-def prepare_model(model, int4_parts: Optional[dict] = None, prepack: bool = True) -> dict:
-    """Install CPU kernels on the model's Linear layers. int4_parts: module name ->
-    (q, d, m, group) from a GGUF's Q4_1 tensors. Returns counts."""
-    from ..models.layers import Linear
+def native_applies(dtype: torch.dtype) -> bool:
+    """Whether baton's C++ kernels run a model of this dtype here (float32, AVX2)."""
+    return dtype == torch.float32 and native_kernels.kernels() is not None
 
-    options = KernelOptions()
+
+def wants_quant_blocks(dtype: torch.dtype, native: bool = True) -> bool:
+    """Whether a GGUF's quantized blocks are worth keeping for a CPU model of `dtype`."""
+    return (native and native_applies(dtype)) or (dtype == torch.bfloat16 and _int4_mm is not None)
+
+
+def is_bf16_exact(w: torch.Tensor) -> bool:
+    return w.dtype == torch.float32 and bool(torch.equal(w.to(torch.bfloat16).float(), w))
+
+
+def _is_tied(model, mod) -> bool:
+    embed = getattr(model, "embed", None)
+    return embed is not None and mod.weight is getattr(embed, "weight", None)
+
+
+def _drop_weight(model, mod) -> None:
+    """The kernel holds the layer's values: free the float32 copy (not a tied lm_head's,
+    which is the embedding)."""
+    if not _is_tied(model, mod):
+        mod.weight = nn.Parameter(mod.weight.new_empty(0), requires_grad=False)
+
+
+def prepare_model(model, quant_blocks: Optional[dict] = None, prepack: bool = True,
+                  quantization: Optional[str] = None, native: bool = True) -> dict:
+    """Install CPU kernels on the model's layers. quant_blocks: module name ->
+    QuantWeights from a GGUF (the dense weights hold the same values).
+    quantization ("int8" / "int4"): quantize every linear layer's weight now.
+    native: use baton's C++ kernels where they apply (float32, AVX2); with them,
+    a layer with quantized blocks or bf16-valued weights keeps only those. Returns counts."""
+    from ..models.layers import GatedMLP, Linear, RMSNorm
+    from ..models.llama import Attention
+    from .quant import KINDS
+
+    native = native and native_applies(model.dtype)
+    options = KernelOptions(native)
     model.kernel_options = options
-    packed = int4 = 0
+    counts = {"prepacked": 0, "int4": 0, "quantized": 0, "bf16_weights": 0, "fused": 0, "fused_blocks": 0}
+    kernels = native_kernels.kernels() if native else None
+    bf16_values = native and quantization is None and not quant_blocks
     for name, mod in model.named_modules():
+        if isinstance(mod, RMSNorm) and native and not mod.offset:
+            mod.native = kernels
+            counts["fused"] += 1
+        elif isinstance(mod, GatedMLP) and native and mod.act_name == "silu":
+            mod.act_mul = kernels.silu_mul
+            counts["fused"] += 1
+        elif isinstance(mod, Attention) and native:
+            mod.rope_ = kernels.rope_
+            counts["fused"] += 1
         if not isinstance(mod, Linear):
+            continue
+        quant = None
+        output_layer = mod is getattr(model, "lm_head", None)
+        if quantization is not None and mod.in_features % 32 == 0:
+            # the output layer in 8 bits with float activations (llama.cpp keeps it wider too)
+            quant = quantize(mod.weight, "q8_0" if output_layer and native else KINDS[quantization])
+            counts["quantized"] += 1
+            if not native:  # no kernel: the weight takes the quantized values (same results, no saving)
+                mod.weight.data.copy_(quant.dequantize().to(mod.weight.dtype))
+                quant = None
+        elif quant_blocks:
+            quant = quant_blocks.get(name)
+            if quant is None and _is_tied(model, mod):
+                quant = quant_blocks.get("embed")  # a tied lm_head reads the embedding's blocks
+            counts["quantized"] += quant is not None and native
+        if native and quant is not None:
+            mod.kernel = NativeQuantLinear(quant, mod.bias, float_activations=output_layer)
+            _drop_weight(model, mod)
+            continue
+        if bf16_values and mod.in_features % 8 == 0 and is_bf16_exact(mod.weight):
+            mod.kernel = Bf16WeightLinear(mod.weight, mod.bias)
+            _drop_weight(model, mod)
+            counts["bf16_weights"] += 1
             continue
         dense = None
         if prepack and can_pack(mod.weight.dtype):
             dense = PackedLinear(mod.weight, mod.bias)
-            packed += 1
-        parts = (int4_parts or {}).get(name)
-        if parts is not None and int4_applies(mod):
-            mod.kernel = Int4Linear(*parts, dense=dense or DenseLinear(mod.weight, mod.bias), options=options)
-            int4 += 1
+            counts["prepacked"] += 1
+        if quant is not None and quant.kind == "q4_1" and int4_applies(mod):
+            mod.kernel = Int4Linear(quant, dense=dense or DenseLinear(mod.weight, mod.bias), options=options)
+            counts["int4"] += 1
         elif dense is not None:
             mod.kernel = dense
-    return {"prepacked": packed, "int4": int4}
+    if native:
+        counts["fused_blocks"] = install_fused_blocks(model, kernels)
+    return counts
+
+
+def _block_linear(kernels, mod):
+    """The C++ block's form of one linear layer, or None."""
+    k = getattr(mod, "kernel", None)
+    if isinstance(k, NativeQuantLinear):
+        return kernels.block_linear(0 if k.quant.kind == "q4_1" else 1, list(k.args[:-1]), k.args[-1], k.bias)
+    if isinstance(k, Bf16WeightLinear):
+        return kernels.block_linear(2, [k.weight], mod.in_features, k.bias)
+    return None
+
+
+def install_fused_blocks(model, kernels) -> int:
+    """Give each plain Llama-family block (SiLU MLP, unit-offset norms, Llama's own
+    attention) whose linear layers all run baton's kernels the fused C++ halves."""
+    from ..models.llama import Attention, Block
+
+    n = 0
+    for mod in model.modules():
+        if not isinstance(mod, Block) or type(mod.attn) is not Attention or mod.mlp.act_name != "silu" \
+                or mod.attn_norm.offset or mod.mlp_norm.offset or mod.attn_norm.eps != mod.mlp_norm.eps:
+            continue
+        attn = mod.attn
+        parts = [_block_linear(kernels, m) for m in (attn.qkv, attn.o, mod.mlp.gate_up, mod.mlp.down)]
+        if any(p is None for p in parts):
+            continue
+        mod.fused = kernels.FusedBlock(mod.attn_norm.weight.detach(), mod.mlp_norm.weight.detach(),
+                                       mod.attn_norm.eps, attn.n_heads, attn.n_kv, attn.head_dim, *parts)
+        n += 1
+    return n
 
 
 def set_int4(model, enabled: bool) -> int:
@@ -183,6 +356,14 @@ def prepack_foreign_linears(module: nn.Module) -> int:
 
 FP32_ATTENTION_MAX_TOKENS = 8    # query rows (B*T)
 FP32_ATTENTION_MAX_KEYS = 2048   # cached columns over all rows (B*W)
+
+
+def decode_attention_kernel(cache_dtype: torch.dtype):
+    """The fused decode-attention kernel for a cache of this dtype, or None."""
+    if cache_dtype not in (torch.float32, torch.bfloat16):
+        return None
+    kernels = native_kernels.kernels()
+    return kernels.decode_attention if kernels is not None else None
 
 
 def upcast_attention(B: int, T: int, W: int) -> bool:

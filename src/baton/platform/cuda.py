@@ -1,4 +1,4 @@
-"""CUDA: what differs from the CPU path. No prepacking or int4 (cuBLAS takes the
+"""CUDA: what differs from the CPU path. No prepacking, int4 or fused kernels (cuBLAS takes the
 plain weights), attention stays in the cache's dtype, argmax is the plain kernel,
 and the KV budget comes from free device memory."""
 from __future__ import annotations
@@ -24,3 +24,19 @@ def check_available(device: torch.device) -> None:
 def available_memory(device: torch.device) -> int:
     free, _total = torch.cuda.mem_get_info(device)
     return int(free)
+
+
+def quantize_model(model, quantization: str) -> dict:
+    """--quantization on CUDA: each linear weight takes its quantized values
+    (platform/quant.py), computed by cuBLAS in the model's dtype. The results are
+    the quantized model's; no memory is saved (baton has no CUDA block kernels)."""
+    from ..models.layers import Linear
+    from .quant import KINDS, quantize
+
+    n = 0
+    for mod in model.modules():
+        if isinstance(mod, Linear) and mod.in_features % 32 == 0:
+            q = quantize(mod.weight, KINDS[quantization])
+            mod.weight.data.copy_(q.dequantize().to(mod.weight.device, mod.weight.dtype))
+            n += 1
+    return {"prepacked": 0, "int4": 0, "quantized": n}

@@ -115,8 +115,9 @@ def cmd_serve(args) -> int:
     server = BatonServer(server_config(app, host=args.host, port=args.port, log_level=args.log_level,
                                        header_timeout=args.header_timeout, max_connections=args.max_connections))
     # BatonServer says "serving on http://..." once the app has started.
-    log.info("loaded %s (policy %s, dtype %s, max_num_seqs %d, context %d)", state.model_name,
-             engine.config.policy, engine.model.dtype, engine.config.max_num_seqs, engine.max_model_len)
+    log.info("loaded %s (policy %s, dtype %s, quantization %s, max_num_seqs %d, context %d)", state.model_name,
+             engine.config.policy, engine.model.dtype, engine.config.quantization or "none",
+             engine.config.max_num_seqs, engine.max_model_len)
     try:
         server.run(sockets=[sock])
     except KeyboardInterrupt:  # uvicorn re-raises the SIGINT it handled, after a clean shutdown
