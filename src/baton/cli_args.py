@@ -31,6 +31,11 @@ def add_engine_args(p: argparse.ArgumentParser) -> None:
                         "kernels round differently per batch shape: 16 of 32 prompts differed alone vs batched in "
                         "one measurement); float32 output does not")
     add_quantization_arg(p)
+    p.add_argument("--batch-invariant", action="store_true",
+                   help="greedy output independent of the batch for a bfloat16/float16 model: compute in "
+                        "float32 over the checkpoint's weights (bf16 values kept at half the bytes) with baton's "
+                        "row-independent CPU kernels; float32 (the default where the CPU lacks native bf16) "
+                        "already is")
     p.add_argument("--device", default="cpu", help="cpu, cuda or cuda:N")
     p.add_argument("--model-impl", default="auto", choices=["auto", "native", "transformers"],
                    help="auto: baton's own model file for the architecture when there is one, else HF "
@@ -56,6 +61,7 @@ def add_engine_args(p: argparse.ArgumentParser) -> None:
 
 def engine_kwargs(args) -> dict:
     return dict(model=args.model, policy=args.policy, dtype=args.dtype, quantization=quantization_value(args),
+                batch_invariant=getattr(args, "batch_invariant", False),
                 device=args.device,
                 model_impl=args.model_impl,
                 max_num_seqs=args.max_num_seqs, max_model_len=args.max_model_len,

@@ -55,6 +55,7 @@ class EngineConfig:
     policy: str = "baton-pd"
     dtype: str = "auto"
     quantization: Optional[str] = None  # None ("none"), "int8" or "int4": weight-only, when the engine loads the model
+    batch_invariant: bool = False   # a bf16/fp16 model computed in float32 by row-independent kernels (see loader)
     device: str = "cpu"
     model_impl: str = "auto"        # native family file, or the HF transformers backend
     max_num_seqs: int = 32
@@ -122,7 +123,7 @@ class LLMEngine:
             from .models.loader import default_model_path
             path = config.model or default_model_path()
             model, _ = load_model(path, config.dtype, config.device, model_impl=config.model_impl, progress=True,
-                                  quantization=config.quantization)
+                                  quantization=config.quantization, batch_invariant=config.batch_invariant)
             tokenizer = tokenizer or load_tokenizer(path, model.cfg.eos_token_ids)
         self.model, self.cfg, self.tokenizer = model, model.cfg, tokenizer
         self.max_model_len = resolve_max_model_len(config.max_model_len, self.cfg.max_position_embeddings)

@@ -170,13 +170,16 @@ def choose_impl(model_type: str, model_impl: str, where: str) -> Optional[Family
 
 def load_model(path: Optional[str] = None, dtype="auto", device="cpu", int4_small_batch: bool = True,
                prepack: bool = True, model_impl: str = "auto", progress: bool = False,
-               quantization: Optional[str] = None, native_kernels: bool = True):
+               quantization: Optional[str] = None, native_kernels: bool = True, batch_invariant: bool = False):
     """Returns (model, config). With int4_small_batch, a GGUF's Q4_1 / Q8_0 blocks
     are also kept for few-token steps (CPU only; see platform/cpu.py). With
     prepack, linear weights get the device's prepared kernels (oneDNN-blocked
     copies on CPU). quantization: None, "int8" or "int4": weight-only, group-wise
     (platform/quant.py), applied to every linear layer at load time. native_kernels:
-    baton's C++ CPU kernels where they apply (False: the eager reference path)."""
+    baton's C++ CPU kernels where they apply (False: the eager reference path).
+    batch_invariant: a bf16/fp16 model computes in float32 over its weights (bf16
+    values kept as bf16 by the kernels), whose every row's result is independent
+    of the others in the batch; only where baton's CPU kernels run."""
     from ..platform.quant import check_quantization
 
     quantization = check_quantization(quantization)
@@ -184,6 +187,13 @@ def load_model(path: Optional[str] = None, dtype="auto", device="cpu", int4_smal
     p = Path(path)
     device = platform.resolve_device(device)
     torch_dtype = resolve_dtype(dtype, device)
+    if batch_invariant and torch_dtype != torch.float32:
+        from ..platform import native
+
+        if device.type != "cpu" or not native_kernels or native.kernels() is None:
+            raise ValueError("batch_invariant needs baton's CPU kernels (device cpu, an AVX2 CPU, the extension "
+                             "built); without them use dtype float32, whose output is batch-invariant")
+        torch_dtype = torch.float32
     if not p.exists():
         raise ModelLoadError(f"model path does not exist: {path} (expected an HF model directory or a .gguf file)")
     from .gguf import looks_like_gguf
