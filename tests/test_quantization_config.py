@@ -195,3 +195,10 @@ def test_bench_throughput_quantized(tiny_llama, tmp_path):
     res = json.loads((tmp_path / "throughput.json").read_text())
     assert res["quantization"] == "int4"
     assert res["rows"][0]["completed"] == 2 and res["rows"][0]["output_len_mismatches"] == 0
+
+
+def test_quantization_with_the_transformers_backend_is_an_error(tiny_llama):
+    from baton.models.loader import load_model
+
+    with pytest.raises(ValueError, match="quantization='int8' is not supported with the transformers backend"):
+        load_model(tiny_llama, "float32", model_impl="transformers", quantization="int8")

@@ -52,6 +52,12 @@ def cmd_chat(args) -> int:
         messages.append({"role": "assistant", "content": reply})
 
 
+def cmd_build_kernels(args) -> int:
+    from .platform.native import main as native_main
+
+    return native_main(["build"] + (["-v"] if args.verbose else []))
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="baton", description="LLM serving with dynamic re-batching")
     sub = parser.add_subparsers(dest="command", required=True)
@@ -67,6 +73,10 @@ def build_parser() -> argparse.ArgumentParser:
     add_engine_args(c)
     add_sampling_args(c)
     c.set_defaults(func=cmd_chat)
+
+    k = sub.add_parser("build-kernels", help="compile baton's C++ CPU kernels (scripts/setup.sh runs this)")
+    k.add_argument("-v", "--verbose", action="store_true", help="show the compiler's command lines")
+    k.set_defaults(func=cmd_build_kernels)
 
     # The server and the benchmarks register their own subcommands.
     try:

@@ -204,6 +204,7 @@ def load_model(path: Optional[str] = None, dtype="auto", device="cpu", int4_smal
         if family is None:
             from .transformers_backend import load_transformers_model
 
+            _no_quantization_here(quantization, "the transformers backend")
             model = load_transformers_model(p, d, torch_dtype, device)
             return model, model.cfg
         try:
@@ -236,6 +237,13 @@ def load_model(path: Optional[str] = None, dtype="auto", device="cpu", int4_smal
     else:
         raise ModelLoadError(f"{path}: not a directory or a .gguf file")
     return model, model.cfg
+
+
+def _no_quantization_here(quantization: Optional[str], where: str) -> None:
+    """A quantization the path cannot apply is an error, not a silently ignored field."""
+    if quantization is not None:
+        raise ValueError(f"quantization={quantization!r} is not supported with {where}; it applies to baton's "
+                         f"native model families (--model-impl native or auto)")
 
 
 class GGUFMeta:
@@ -280,6 +288,7 @@ def load_gguf_model(p: Path, dtype, device, int4_small_batch=True, prepack=True,
         if model_impl == "transformers":
             from .transformers_backend import load_transformers_gguf
 
+            _no_quantization_here(quantization, "the transformers backend")
             return load_transformers_gguf(p, arch, dtype, device)
         raise ModelLoadError(f"unsupported GGUF architecture {arch!r}; supported: {', '.join(gguf_architectures())}")
     cfg = family.config_from_gguf(GGUFMeta(f, arch), arch)

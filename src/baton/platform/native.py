@@ -1,7 +1,7 @@
 """baton's C++ CPU kernels (csrc/cpu_kernels.cpp): built by the install step,
 loaded where the CPU can run them, absent otherwise (the eager path runs).
 
-    python -m baton.platform.native build    # scripts/setup.sh runs this
+    baton build-kernels    # scripts/setup.sh runs this
 
 The extension is compiled for AVX2 + FMA + F16C (not -march=native, so a build
 moved to another x86 host still loads where those exist); `kernels()` checks
@@ -46,7 +46,7 @@ def kernels():
     else:
         built = sorted(BUILD_DIR.glob(f"{NAME}*.so"))
         if not built:
-            _why_not = "not built (run: python -m baton.platform.native build)"
+            _why_not = "not built (run: baton build-kernels)"
         else:
             import importlib.util
 
@@ -65,19 +65,27 @@ def kernels():
 
 
 def build(verbose: bool = False) -> Path:
-    """Compile the extension into BUILD_DIR with setuptools (no ninja needed)."""
+    """Compile the extension into BUILD_DIR with setuptools (no ninja needed); the
+    compiler's output is shown only with `verbose` (or when it fails)."""
     from setuptools import setup
     from torch.utils.cpp_extension import BuildExtension, CppExtension
 
     BUILD_DIR.mkdir(exist_ok=True)
     tmp = BUILD_DIR / "tmp"
     ext = CppExtension(NAME, [str(SOURCE)], extra_compile_args=FLAGS, extra_link_args=["-fopenmp"])
-    argv = sys.argv
+    import contextlib
+    import io
+
+    argv, log = sys.argv, io.StringIO()
     try:
         sys.argv = ["setup.py"]
-        setup(name=NAME, ext_modules=[ext], cmdclass={"build_ext": BuildExtension},
-              script_args=["-q" if not verbose else "-v", "build_ext", "--build-lib", str(BUILD_DIR),
-                           "--build-temp", str(tmp)])
+        with contextlib.redirect_stdout(sys.stdout if verbose else log):
+            setup(name=NAME, ext_modules=[ext], cmdclass={"build_ext": BuildExtension},
+                  script_args=["-q" if not verbose else "-v", "build_ext", "--build-lib", str(BUILD_DIR),
+                               "--build-temp", str(tmp)])
+    except BaseException:
+        print(log.getvalue()[-4000:], file=sys.stderr)
+        raise
     finally:
         sys.argv = argv
     return sorted(BUILD_DIR.glob(f"{NAME}*.so"))[-1]
@@ -86,14 +94,14 @@ def build(verbose: bool = False) -> Path:
 def main(argv=None) -> int:
     argv = sys.argv[1:] if argv is None else argv
     if argv[:1] != ["build"]:
-        print("usage: python -m baton.platform.native build", file=sys.stderr)
+        print("usage: baton build-kernels", file=sys.stderr)
         return 2
     if not cpu_supported():
         print("baton: this CPU lacks AVX2; the fused CPU kernels are not built (the eager path runs)")
         return 0
     try:
         path = build("-v" in argv)
-    except Exception as e:  # no compiler, say: the eager path still works
+    except (Exception, SystemExit) as e:  # no compiler, say: the eager path still works
         print(f"baton: building the fused CPU kernels failed ({e}); the eager path runs")
         return 0
     print(f"baton: fused CPU kernels built: {path.relative_to(HERE.parent.parent.parent) if path.is_relative_to(HERE.parent.parent.parent) else path}")

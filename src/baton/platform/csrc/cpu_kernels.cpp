@@ -1,6 +1,6 @@
 // baton's fused CPU kernels (AVX2 + FMA + F16C), float32 activations.
 //
-// Built by scripts/setup.sh (python -m baton.platform.native build); loaded only
+// Built by scripts/setup.sh (baton build-kernels); loaded only
 // where the CPU has AVX2 (platform/native.py checks). The eager PyTorch code in
 // models/ and attention.py is the fallback and the reference these are tested
 // against (tests/platform/test_native_kernels.py).
