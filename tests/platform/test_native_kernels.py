@@ -195,3 +195,19 @@ def test_q8_0_float_activation_linear_matches_eager():
         x = torch.randn(m, 576)
         err = (K.linear_q8_0_f32(x, *args, None) - x @ qw.dequantize().T).abs().max().item()
         assert err < 1e-4, err
+
+
+def test_float_activation_linears_rows_do_not_depend_on_the_batch():
+    """bf16 weights and the output layer's q8_0 kernel: tiles of 1-4 rows run the same
+    operations per output, so a row is bit-identical alone and batched."""
+    from baton.platform.cpu import native_block_args
+
+    torch.manual_seed(2)
+    w = torch.randn(70, 576)
+    x = torch.randn(11, 576)
+    wb = w.bfloat16()
+    q8 = native_block_args(Q.quantize(w, "q8_0"))
+    for fn in (lambda t: K.linear_bf16(t, wb, None), lambda t: K.linear_q8_0_f32(t, *q8, None)):
+        batched = fn(x)
+        for i in range(11):
+            assert torch.equal(fn(x[i:i + 1]), batched[i:i + 1]), i

@@ -139,8 +139,8 @@ QuantRows quantize_rows(const torch::Tensor& x, int64_t nbp) {
 // block 2j's 32 values and high nibbles block 2j+1's, so one load and two ANDs unpack
 // 64 weights (ggml's own layout takes a load, a shift, two ANDs and an insert per
 // block); q8_0 as 32 signed bytes per block. Per row and block the integer dot
-// product is u8 x s8 multiply-adds; 8 blocks' sums are reduced into one vector with
-// horizontal adds, so the float scale work is one multiply and FMA per 8 blocks.
+// product is u8 x s8 multiply-adds; 8 blocks' sums are reduced into one vector by
+// shuffles and adds, so the float scale work is one multiply and FMA per 8 blocks.
 
 enum class WFormat { Q4_1, Q8_0 };
 
@@ -182,6 +182,16 @@ inline __m256 load_f16(const uint16_t* p) {
 }
 inline float f16(uint16_t h) { return _cvtsh_ss(h); }
 
+// Horizontal sums of int32 lanes for several blocks at once, with one-uop shuffles
+// (AVX2's phaddd is several uops on Zen 3): sums2 leaves [a0, b0, a1, b1] per 128-bit
+// lane (a0 + a1 = that lane's sum of a); sums4 of two such gives [A, B, C, D] per lane.
+inline __m256i sums2(__m256i a, __m256i b) {
+  return _mm256_add_epi32(_mm256_unpacklo_epi32(a, b), _mm256_unpackhi_epi32(a, b));
+}
+inline __m256i sums4(__m256i ab, __m256i cd) {
+  return _mm256_add_epi32(_mm256_unpacklo_epi64(ab, cd), _mm256_unpackhi_epi64(ab, cd));
+}
+
 inline __m256i xblock(const int8_t* xr, int64_t b) {
   return _mm256_loadu_si256(reinterpret_cast<const __m256i*>(xr + b * QK));
 }
@@ -204,22 +214,25 @@ inline void qtile(const QWeights& W, const QuantRows& X, int64_t Kp, int64_t m0,
     xs[r] = X.s.data() + (m0 + r) * nb;
   }
   int64_t b = 0;
+  constexpr int64_t PAIR = F == WFormat::Q4_1 ? 32 : 64;  // bytes per pair of blocks
   for (; b + 8 <= nb; b += 8) {
     for (int c = 0; c < NC; ++c) {
       const int64_t n = n0 + c;
-      const uint8_t* wr = W.q + n * W.row_bytes;
+      // fixed offsets from one pointer per group: no index arithmetic in the loop body
+      const uint8_t* wg = W.q + n * W.row_bytes + (b / 2) * PAIR;
       __m256i h[R][2];
       for (int half = 0; half < 2; ++half) {
         __m256i hp[R][2];
         for (int pp = 0; pp < 2; ++pp) {
-          const int64_t j = (b + half * 4 + pp * 2) / 2;
+          const int off = half * 2 + pp;  // pair within the group
           __m256i w0, w1;
-          load_pair<F>(wr, j, w0, w1);
-          for (int r = 0; r < R; ++r)
-            hp[r][pp] = _mm256_hadd_epi32(dotw<F>(w0, xblock(xr[r], 2 * j), ones),
-                                          dotw<F>(w1, xblock(xr[r], 2 * j + 1), ones));
+          load_pair<F>(wg + off * PAIR, 0, w0, w1);
+          for (int r = 0; r < R; ++r) {
+            const int8_t* xg = xr[r] + b * QK + off * 2 * QK;
+            hp[r][pp] = sums2(dotw<F>(w0, xblock(xg, 0), ones), dotw<F>(w1, xblock(xg, 1), ones));
+          }
         }
-        for (int r = 0; r < R; ++r) h[r][half] = _mm256_hadd_epi32(hp[r][0], hp[r][1]);
+        for (int r = 0; r < R; ++r) h[r][half] = sums4(hp[r][0], hp[r][1]);
       }
       const __m256 dw = load_f16(W.d + n * nb + b);
       for (int r = 0; r < R; ++r) {
@@ -253,6 +266,13 @@ inline void qtile(const QWeights& W, const QuantRows& X, int64_t Kp, int64_t m0,
 }
 
 // x: [..., K] -> [..., N]
+template <WFormat F, int R>
+inline void qtile_cols(const QWeights& W, const QuantRows& X, int64_t Kp, int64_t m, int64_t n0, int64_t nc, float* Y,
+                       int64_t ldy, const float* bias) {
+  if (nc == 2) qtile<F, R, 2>(W, X, Kp, m, n0, Y, ldy, bias);
+  else qtile<F, R, 1>(W, X, Kp, m, n0, Y, ldy, bias);
+}
+
 template <WFormat F>
 torch::Tensor qlinear(const torch::Tensor& x_in, const QWeights& W, int64_t N, int64_t K,
                       const c10::optional<torch::Tensor>& bias) {
@@ -273,7 +293,8 @@ torch::Tensor qlinear(const torch::Tensor& x_in, const QWeights& W, int64_t N, i
   float* Y = y.data_ptr<float>();
   constexpr int64_t MB = 64;  // rows per block: its int8 activations stay in L2 across columns
   // At one row, two columns per tile (two FMA chains); with more rows, one column and
-  // up to four rows share each unpacked weight block. Columns are split over threads.
+  // up to four rows share each unpacked weight block (two columns spill registers:
+  // 15% slower at 8 rows). Columns are split over threads.
   const int64_t NCOL = M == 1 ? 2 : 1, tiles = (N + NCOL - 1) / NCOL;
   at::parallel_for(0, tiles, 16 / NCOL, [&](int64_t begin, int64_t end) {
     for (int64_t m0 = 0; m0 < M; m0 += MB) {
@@ -281,8 +302,7 @@ torch::Tensor qlinear(const torch::Tensor& x_in, const QWeights& W, int64_t N, i
       for (int64_t t = begin; t < end; ++t) {
         const int64_t n0 = t * NCOL;
         if (M == 1) {
-          if (n0 + 2 <= N) qtile<F, 1, 2>(W, X, Kp, 0, n0, Y, N, B);
-          else qtile<F, 1, 1>(W, X, Kp, 0, n0, Y, N, B);
+          qtile_cols<F, 1>(W, X, Kp, 0, n0, std::min<int64_t>(2, N - n0), Y, N, B);
           continue;
         }
         int64_t m = m0;
@@ -343,27 +363,35 @@ torch::Tensor linear_q8_0(const torch::Tensor& x, const torch::Tensor& qs, const
 
 // q8_0 weights with float32 activations (no activation rounding): for the output
 // layer, whose input the int8 rounding moves enough to change greedy answers of a
-// small model. Weights widened in registers, 8 at a time, shared by up to 4 rows.
+// small model. Weights widened in registers, 8 at a time, shared by up to 4 rows;
+// per row independent products per block and two accumulators (bound by loads, not
+// an FMA chain), the same operations whatever the number of rows in the tile.
 template <int R>
 inline void q8f_tile(const int8_t* Wq, const uint16_t* Wd, int64_t nb, const float* X, int64_t ldx, int64_t m0,
                      int64_t n, float* Y, int64_t ldy, const float* bias) {
-  __m256 acc[R];
-  for (int r = 0; r < R; ++r) acc[r] = _mm256_setzero_ps();
+  __m256 acc[R][2];
+  for (int r = 0; r < R; ++r) acc[r][0] = acc[r][1] = _mm256_setzero_ps();
   const int8_t* wr = Wq + n * nb * QK;
+  auto widen = [&](int64_t b, int sub) {
+    return _mm256_cvtepi32_ps(_mm256_cvtepi8_epi32(
+        _mm_loadl_epi64(reinterpret_cast<const __m128i*>(wr + b * QK + sub * 8))));
+  };
   for (int64_t b = 0; b < nb; ++b) {
-    __m256 part[R];
-    for (int sub = 0; sub < 4; ++sub) {
-      const __m256 w = _mm256_cvtepi32_ps(_mm256_cvtepi8_epi32(
-          _mm_loadl_epi64(reinterpret_cast<const __m128i*>(wr + b * QK + sub * 8))));
-      for (int r = 0; r < R; ++r) {
-        const __m256 xv = load8(X + (m0 + r) * ldx + b * QK + sub * 8);
-        part[r] = sub == 0 ? _mm256_mul_ps(w, xv) : _mm256_fmadd_ps(w, xv, part[r]);
-      }
+    __m256 t01[R];
+    const __m256 w0 = widen(b, 0), w1 = widen(b, 1);
+    for (int r = 0; r < R; ++r) {
+      const float* x = X + (m0 + r) * ldx + b * QK;
+      t01[r] = _mm256_add_ps(_mm256_mul_ps(w0, load8(x)), _mm256_mul_ps(w1, load8(x + 8)));
     }
-    const __m256 d = _mm256_set1_ps(f16(Wd[n * nb + b]));
-    for (int r = 0; r < R; ++r) acc[r] = _mm256_fmadd_ps(part[r], d, acc[r]);
+    const __m256 w2 = widen(b, 2), w3 = widen(b, 3), d = _mm256_set1_ps(f16(Wd[n * nb + b]));
+    for (int r = 0; r < R; ++r) {
+      const float* x = X + (m0 + r) * ldx + b * QK;
+      const __m256 t23 = _mm256_add_ps(_mm256_mul_ps(w2, load8(x + 16)), _mm256_mul_ps(w3, load8(x + 24)));
+      acc[r][b & 1] = _mm256_fmadd_ps(_mm256_add_ps(t01[r], t23), d, acc[r][b & 1]);
+    }
   }
-  for (int r = 0; r < R; ++r) Y[(m0 + r) * ldy + n] = hsum(acc[r]) + (bias ? bias[n] : 0.0f);
+  for (int r = 0; r < R; ++r)
+    Y[(m0 + r) * ldy + n] = hsum(_mm256_add_ps(acc[r][0], acc[r][1])) + (bias ? bias[n] : 0.0f);
 }
 
 torch::Tensor linear_q8_0_f32(const torch::Tensor& x_in, const torch::Tensor& qs, const torch::Tensor& d, int64_t K,
@@ -382,13 +410,16 @@ torch::Tensor linear_q8_0_f32(const torch::Tensor& x_in, const torch::Tensor& qs
   const float* X = x.data_ptr<float>();
   const float* B = bias.has_value() && bias->defined() ? bias->data_ptr<float>() : nullptr;
   float* Y = y.data_ptr<float>();
-  at::parallel_for(0, N, 16, [&](int64_t begin, int64_t end) {
-    for (int64_t m0 = 0; m0 < M; m0 += 64) {
-      const int64_t m1 = std::min(M, m0 + 64);
-      for (int64_t n = begin; n < end; ++n) {
-        int64_t m = m0;
-        for (; m + 4 <= m1; m += 4) q8f_tile<4>(Wq, Wd, nb, X, ldx, m, n, Y, N, B);
-        switch (m1 - m) {
+  // Blocks of 16 columns (their weights stay in L1/L2) by tiles of 4 rows (in L1).
+  constexpr int64_t NBLK = 16;
+  at::parallel_for(0, (N + NBLK - 1) / NBLK, 1, [&](int64_t begin, int64_t end) {
+    for (int64_t blk = begin; blk < end; ++blk) {
+      const int64_t n1 = std::min(N, (blk + 1) * NBLK);
+      int64_t m = 0;
+      for (; m + 4 <= M; m += 4)
+        for (int64_t n = blk * NBLK; n < n1; ++n) q8f_tile<4>(Wq, Wd, nb, X, ldx, m, n, Y, N, B);
+      for (int64_t n = blk * NBLK; n < n1; ++n) {
+        switch (M - m) {
           case 3: q8f_tile<3>(Wq, Wd, nb, X, ldx, m, n, Y, N, B); break;
           case 2: q8f_tile<2>(Wq, Wd, nb, X, ldx, m, n, Y, N, B); break;
           case 1: q8f_tile<1>(Wq, Wd, nb, X, ldx, m, n, Y, N, B); break;
@@ -402,21 +433,28 @@ torch::Tensor linear_q8_0_f32(const torch::Tensor& x_in, const torch::Tensor& qs
 
 // ---------------------------------------------------------------- bf16 weights
 
+// R rows x one column; per row two FMA chains over K in strides of 16 (one chain ran
+// a one-row GEMV at ~18 GB/s of the host's ~32: too few loads in flight; four chains
+// leave room for too few rows per tile). Every R runs the same operations per output,
+// so a row's result does not depend on R.
 template <int R>
-inline void bf16_tile(const uint16_t* Wt, int64_t K, const float* X, int64_t ldx, int64_t m0, int64_t n0, int ncols,
-                      float* Y, int64_t ldy, const float* bias) {
-  __m256 acc[2][R];
-  for (int c = 0; c < 2; ++c)
-    for (int r = 0; r < R; ++r) acc[c][r] = _mm256_setzero_ps();
-  for (int64_t k = 0; k < K; k += 8) {
-    for (int c = 0; c < ncols; ++c) {
-      const __m256 w = load_bf16(Wt + (n0 + c) * K + k);
-      for (int r = 0; r < R; ++r) acc[c][r] = _mm256_fmadd_ps(w, load8(X + (m0 + r) * ldx + k), acc[c][r]);
+inline void bf16_tile(const uint16_t* Wt, int64_t K, const float* X, int64_t ldx, int64_t m0, int64_t n, float* Y,
+                      int64_t ldy, const float* bias) {
+  __m256 acc[R][2];
+  for (int r = 0; r < R; ++r) acc[r][0] = acc[r][1] = _mm256_setzero_ps();
+  const uint16_t* w = Wt + n * K;
+  int64_t k = 0;
+  for (; k + 16 <= K; k += 16)
+    for (int j = 0; j < 2; ++j) {
+      const __m256 wv = load_bf16(w + k + 8 * j);
+      for (int r = 0; r < R; ++r) acc[r][j] = _mm256_fmadd_ps(wv, load8(X + (m0 + r) * ldx + k + 8 * j), acc[r][j]);
     }
+  for (; k < K; k += 8) {
+    const __m256 wv = load_bf16(w + k);
+    for (int r = 0; r < R; ++r) acc[r][0] = _mm256_fmadd_ps(wv, load8(X + (m0 + r) * ldx + k), acc[r][0]);
   }
-  for (int c = 0; c < ncols; ++c)
-    for (int r = 0; r < R; ++r)
-      Y[(m0 + r) * ldy + n0 + c] = hsum(acc[c][r]) + (bias ? bias[n0 + c] : 0.0f);
+  for (int r = 0; r < R; ++r)
+    Y[(m0 + r) * ldy + n] = hsum(_mm256_add_ps(acc[r][0], acc[r][1])) + (bias ? bias[n] : 0.0f);
 }
 
 torch::Tensor linear_bf16(const torch::Tensor& x_in, const torch::Tensor& w, const c10::optional<torch::Tensor>& bias) {
@@ -432,19 +470,19 @@ torch::Tensor linear_bf16(const torch::Tensor& x_in, const torch::Tensor& w, con
   const float* X = x.data_ptr<float>();
   const float* B = bias.has_value() && bias->defined() ? bias->data_ptr<float>() : nullptr;
   float* Y = y.data_ptr<float>();
-  const int64_t pairs = (N + 1) / 2;
-  at::parallel_for(0, pairs, 8, [&](int64_t begin, int64_t end) {
-    for (int64_t m0 = 0; m0 < M; m0 += 64) {
-      const int64_t m1 = std::min(M, m0 + 64);
-      for (int64_t pr = begin; pr < end; ++pr) {
-        const int64_t n0 = pr * 2;
-        const int nc = static_cast<int>(std::min<int64_t>(2, N - n0));
-        int64_t m = m0;
-        for (; m + 4 <= m1; m += 4) bf16_tile<4>(Wt, K, X, ldx, m, n0, nc, Y, N, B);
-        switch (m1 - m) {
-          case 3: bf16_tile<3>(Wt, K, X, ldx, m, n0, nc, Y, N, B); break;
-          case 2: bf16_tile<2>(Wt, K, X, ldx, m, n0, nc, Y, N, B); break;
-          case 1: bf16_tile<1>(Wt, K, X, ldx, m, n0, nc, Y, N, B); break;
+  // Blocks of 16 columns (their weights stay in L1/L2) by tiles of 4 rows (in L1).
+  constexpr int64_t NB = 16;
+  at::parallel_for(0, (N + NB - 1) / NB, 1, [&](int64_t begin, int64_t end) {
+    for (int64_t blk = begin; blk < end; ++blk) {
+      const int64_t n1 = std::min(N, (blk + 1) * NB);
+      int64_t m = 0;
+      for (; m + 4 <= M; m += 4)
+        for (int64_t n = blk * NB; n < n1; ++n) bf16_tile<4>(Wt, K, X, ldx, m, n, Y, N, B);
+      for (int64_t n = blk * NB; n < n1; ++n) {
+        switch (M - m) {
+          case 3: bf16_tile<3>(Wt, K, X, ldx, m, n, Y, N, B); break;
+          case 2: bf16_tile<2>(Wt, K, X, ldx, m, n, Y, N, B); break;
+          case 1: bf16_tile<1>(Wt, K, X, ldx, m, n, Y, N, B); break;
           default: break;
         }
       }
@@ -574,6 +612,43 @@ torch::Tensor silu_mul(const torch::Tensor& gu_in) {
 
 // ---------------------------------------------------------------- decode attention
 
+// q . k over D (a multiple of 8) as 8 lane partials.
+template <typename C>
+inline __m256 dot_partial(const float* q, const C* k, int64_t D) {
+  __m256 a = _mm256_mul_ps(load8(q), load8(k));
+  for (int64_t i = 8; i < D; i += 8) a = _mm256_fmadd_ps(load8(q + i), load8(k + i), a);
+  return a;
+}
+
+// [hsum(p[0]), ..., hsum(p[7])] with shuffles and adds (no per-vector horizontal sum).
+inline __m256 reduce8(const __m256* p) {
+  auto s2 = [](__m256 a, __m256 b) { return _mm256_add_ps(_mm256_unpacklo_ps(a, b), _mm256_unpackhi_ps(a, b)); };
+  auto s4 = [](__m256 ab, __m256 cd) {
+    return _mm256_add_ps(_mm256_castpd_ps(_mm256_unpacklo_pd(_mm256_castps_pd(ab), _mm256_castps_pd(cd))),
+                         _mm256_castpd_ps(_mm256_unpackhi_pd(_mm256_castps_pd(ab), _mm256_castps_pd(cd))));
+  };
+  const __m256 x0 = s4(s2(p[0], p[1]), s2(p[2], p[3])), x1 = s4(s2(p[4], p[5]), s2(p[6], p[7]));
+  return _mm256_add_ps(_mm256_permute2f128_ps(x0, x1, 0x20), _mm256_permute2f128_ps(x0, x1, 0x31));
+}
+
+// out[x][0 : 8 NV] = sum over c of p[x][c] * V[c][0 : 8 NV] for NG heads (p rows W apart).
+template <typename C, int NG, int NV>
+inline void pv_pass(const float* p, int64_t W, const C* v, int64_t vw, float* out, int64_t out_stride) {
+  __m256 a[NG][NV];
+  for (int x = 0; x < NG; ++x)
+    for (int y = 0; y < NV; ++y) a[x][y] = _mm256_setzero_ps();
+  for (int64_t c = 0; c < W; ++c) {
+    __m256 vv[NV];
+    for (int y = 0; y < NV; ++y) vv[y] = load8(v + c * vw + 8 * y);
+    for (int x = 0; x < NG; ++x) {
+      const __m256 pw = _mm256_set1_ps(p[x * W + c]);
+      for (int y = 0; y < NV; ++y) a[x][y] = _mm256_fmadd_ps(pw, vv[y], a[x][y]);
+    }
+  }
+  for (int x = 0; x < NG; ++x)
+    for (int y = 0; y < NV; ++y) _mm256_storeu_ps(out + x * out_stride + 8 * y, a[x][y]);
+}
+
 template <typename C>
 void decode_attention_impl(const torch::Tensor& q, torch::Tensor& kc, torch::Tensor& vc, const torch::Tensor& k,
                            const torch::Tensor& v, const int64_t* pos, float scale, int64_t window, float softcap,
@@ -603,7 +678,6 @@ void decode_attention_impl(const torch::Tensor& q, torch::Tensor& kc, torch::Ten
     }
   at::parallel_for(0, B * KVH * splits, 1, [&](int64_t begin, int64_t end) {
     std::vector<float> scores;
-    std::vector<float> acc(Gs * D);
     for (int64_t task = begin; task < end; ++task) {
       const int64_t t = task / splits, g0 = (task % splits) * Gs;
       const int64_t b = t / KVH, h = t % KVH, p = pos[b];
@@ -611,16 +685,27 @@ void decode_attention_impl(const torch::Tensor& q, torch::Tensor& kc, torch::Ten
       C* vrow = VC + b * vr + h * vh;
       const int64_t lo = window > 0 ? std::max<int64_t>(0, p - window + 1) : 0, W = p + 1 - lo;
       scores.resize(Gs * W);
-      for (int64_t c = 0; c < W; ++c) {
-        const C* kp = krow + (lo + c) * kw;
-        for (int64_t g = 0; g < Gs; ++g) {
-          const float* qp = Q + b * qb + (h * G + g0 + g) * qh;
-          __m256 s = _mm256_setzero_ps();
-          for (int64_t i = 0; i < D; i += 8) s = _mm256_fmadd_ps(load8(qp + i), load8(kp + i), s);
-          float sc = hsum(s);
-          sc = softcap > 0.0f ? softcap * std::tanh(sc * scale / softcap) : sc * scale;
-          scores[g * W + c] = sc;
+      for (int64_t g = 0; g < Gs; ++g) {
+        const float* qp = Q + b * qb + (h * G + g0 + g) * qh;
+        float* sp = scores.data() + g * W;
+        int64_t c = 0;
+        for (; c + 8 <= W; c += 8) {  // 8 columns' dot products, reduced into one vector
+          // D outer, columns inner: eight independent FMA chains
+          const C* k0 = krow + (lo + c) * kw;
+          __m256 part[8];
+          const __m256 q0 = load8(qp);
+          for (int j = 0; j < 8; ++j) part[j] = _mm256_mul_ps(q0, load8(k0 + j * kw));
+          for (int64_t i = 8; i < D; i += 8) {
+            const __m256 qi = load8(qp + i);
+            for (int j = 0; j < 8; ++j) part[j] = _mm256_fmadd_ps(qi, load8(k0 + j * kw + i), part[j]);
+          }
+          _mm256_storeu_ps(sp + c, reduce8(part));
         }
+        for (; c < W; ++c) sp[c] = hsum(dot_partial(qp, krow + (lo + c) * kw, D));
+        if (softcap > 0.0f)
+          for (c = 0; c < W; ++c) sp[c] = softcap * std::tanh(sp[c] * scale / softcap);
+        else
+          for (c = 0; c < W; ++c) sp[c] *= scale;
       }
       for (int64_t g = 0; g < Gs; ++g) {  // softmax over the row's columns
         float* sp = scores.data() + g * W;
@@ -642,19 +727,25 @@ void decode_attention_impl(const torch::Tensor& q, torch::Tensor& kc, torch::Ten
         const float inv = 1.0f / sum;
         for (c = 0; c < W; ++c) sp[c] *= inv;
       }
-      std::fill(acc.begin(), acc.end(), 0.0f);
-      for (int64_t c = 0; c < W; ++c) {
-        const C* vp = vrow + (lo + c) * vw;
-        for (int64_t i = 0; i < D; i += 8) {
-          const __m256 vv = load8(vp + i);
-          for (int64_t g = 0; g < Gs; ++g) {
-            float* a = acc.data() + g * D + i;
-            _mm256_storeu_ps(a, _mm256_fmadd_ps(_mm256_set1_ps(scores[g * W + c]), vv, _mm256_loadu_ps(a)));
+      // probs x V, accumulated in registers: up to 3 heads x 32 dims (12 vectors) per pass
+      for (int64_t g = 0; g < Gs; g += 3) {
+        float* out = O + b * H * D + (h * G + g0 + g) * D;
+        const float* pr = scores.data() + g * W;
+        for (int64_t i = 0; i < D; i += 32) {
+          const C* vp = vrow + lo * vw + i;
+          if (D - i >= 32) {
+            switch (std::min<int64_t>(3, Gs - g)) {
+              case 3: pv_pass<C, 3, 4>(pr, W, vp, vw, out + i, D); break;
+              case 2: pv_pass<C, 2, 4>(pr, W, vp, vw, out + i, D); break;
+              default: pv_pass<C, 1, 4>(pr, W, vp, vw, out + i, D); break;
+            }
+          } else {  // D % 32 == 8, 16 or 24: the last dims one vector at a time
+            for (int64_t gg = g; gg < std::min<int64_t>(Gs, g + 3); ++gg)
+              for (int64_t ii = i; ii < D; ii += 8)
+                pv_pass<C, 1, 1>(scores.data() + gg * W, W, vrow + lo * vw + ii, vw, O + b * H * D + (h * G + g0 + gg) * D + ii, D);
           }
         }
       }
-      for (int64_t g = 0; g < Gs; ++g)
-        std::copy(acc.begin() + g * D, acc.begin() + (g + 1) * D, O + b * H * D + (h * G + g0 + g) * D);
     }
   });
 }
