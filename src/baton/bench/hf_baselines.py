@@ -60,7 +60,7 @@ def same_weights(hf_model, baton_model) -> Optional[bool]:
     """Spot check that the HF model holds the same weights as baton's (layer 0's down projection)."""
     try:
         a = hf_model.model.layers[0].mlp.down_proj.weight
-        b = baton_model.layers[0].mlp.down.weight
+        b = baton_model.layers[0].mlp.down.dense_weight()
         return bool(a.shape == b.shape and a.dtype == b.dtype and torch.equal(a, b))
     except (AttributeError, IndexError):
         return None

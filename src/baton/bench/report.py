@@ -265,10 +265,10 @@ def render(p: dict) -> str:
              "with each request's own `max_new_tokens`, EOS disabled and at most `batch size` requests per batch. "
              "baton's linear layers run oneDNN's prepacked GEMM on CPU; the last HF row is the continuous-batching "
              "manager again with its linear layers given that same GEMM, so the kernel is not what differs.\n")
-    if roof.get("int4_path_weight_bytes"):
-        L.append("Note: baton's model also keeps the GGUF's Q4_1 weights packed as int4 and uses them for steps of "
-                 "at most a few tokens (same weight values, a different kernel); the HF baselines compute with the "
-                 "dense dequantized weights throughout.\n")
+    if roof.get("compact_path_weight_bytes"):
+        L.append("Note: baton's linear layers compute with compact copies of the weights (the GGUF's Q4_1 / Q8_0 "
+                 "blocks, packed int4 or bf16 values: the same values, other kernels); the HF baselines compute "
+                 "with the dense dequantized weights throughout.\n")
 
     # ---- roofline
     if roof:
@@ -286,11 +286,10 @@ def render(p: dict) -> str:
         L.append(_table(["batch", "one step's GEMMs (ms)", "GEMM GFLOP/s", "GEMM-only ceiling tok/s"]
                         + (["same, model's own Linear kernels (ms)", "their ceiling tok/s"] if own else []), rows))
         if own:
-            L.append(f"\nThe model's own Linear layers use packed int4 weights (the GGUF's Q4_1 blocks, same values) "
-                     f"for steps of at most a few tokens and dense {roof['dtype']} otherwise; the int4 path reads "
-                     f"{roof['int4_path_weight_bytes'] / 1e6:.1f} MB per step, a bandwidth ceiling of "
-                     f"{roof['int4_path_bandwidth_ceiling_tok_s_per_row']:.1f} tok/s per row. The HF baselines run "
-                     f"dense {roof['dtype']} throughout. The fractions below use the dense ceilings.\n")
+            L.append(f"\nThe model's own Linear layers compute with their kernels' compact weights (same values); "
+                     f"that path reads {roof['compact_path_weight_bytes'] / 1e6:.1f} MB per step, a bandwidth "
+                     f"ceiling of {roof['compact_path_bandwidth_ceiling_tok_s_per_row']:.1f} tok/s per row. The HF "
+                     f"baselines run dense {roof['dtype']} throughout. The fractions below use the dense ceilings.\n")
         L.append(f"\nCompute ceiling: {roof['compute_ceiling_tok_s']:.1f} tok/s (model GEMM rate at batch "
                  f"{roof['compute_ceiling_batch']}). Bandwidth ceiling: {roof['bandwidth_ceiling_tok_s_per_row']:.1f}"
                  " tok/s per batch row (each decode step reads every weight once).\n")

@@ -24,22 +24,16 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from ..platform.cpu import Int4Linear, PackedLinear, can_pack
+from ..platform.cpu import Bf16WeightLinear, Int4Linear, NativeQuantLinear, PackedLinear, can_pack
 
 
-def model_gemm_shapes(model: nn.Module) -> list[tuple[torch.Tensor, int]]:
-    """(weight, count) per distinct Linear weight shape (the first weight of that shape)."""
-    counts: Counter = Counter()
-    first: dict[tuple, torch.Tensor] = {}
-    for mod in model.modules():
-        if isinstance(mod, nn.Linear):
-            shape = tuple(mod.weight.shape)
-            counts[shape] += 1
-            first.setdefault(shape, mod.weight)
-    return [(first[s], c) for s, c in counts.items()]
+def _linears(model: nn.Module):
+    return [m for m in model.modules() if isinstance(m, nn.Linear)]
 
 
 def model_sizes(model: nn.Module) -> dict:
+    """Parameters and bytes of the dense model (a linear layer whose values only its
+    kernel holds counts at its dense size, so ceilings compare like with like)."""
     seen, params, nbytes = set(), 0, 0
     for p in model.parameters():
         if p.data_ptr() in seen:
@@ -47,7 +41,12 @@ def model_sizes(model: nn.Module) -> dict:
         seen.add(p.data_ptr())
         params += p.numel()
         nbytes += p.numel() * p.element_size()
-    gemm_params = sum(w.numel() * c for w, c in model_gemm_shapes(model))
+    dtype_size = next(model.parameters()).element_size()
+    for mod in _linears(model):
+        if mod.weight.numel() == 0:  # freed: the kernel holds the values
+            params += mod.in_features * mod.out_features
+            nbytes += mod.in_features * mod.out_features * dtype_size
+    gemm_params = sum(m.in_features * m.out_features for m in _linears(model))
     return {"parameters": params, "weight_bytes": nbytes, "gemm_parameters": gemm_params,
             "flops_per_token": 2 * gemm_params}
 
@@ -66,35 +65,35 @@ def _time(fn, min_time: float = 0.15, min_reps: int = 3, max_reps: int = 200) ->
     return best
 
 
-def _has_int4(mod: nn.Module) -> bool:
-    return isinstance(getattr(mod, "kernel", None), Int4Linear)
+def _compact(mod: nn.Module) -> bool:
+    """Whether the layer's kernel computes with its own compact copy of the weights
+    (packed int4, quantized blocks, bf16 values)."""
+    return isinstance(getattr(mod, "kernel", None), (Int4Linear, NativeQuantLinear, Bf16WeightLinear))
 
 
 def model_linear_groups(model: nn.Module) -> list[tuple[nn.Module, int]]:
-    """(first module, count) per distinct (weight shape, has packed int4 weights)."""
+    """(first module, count) per distinct (weight shape, compact kernel or not)."""
     counts: Counter = Counter()
     first: dict[tuple, nn.Module] = {}
-    for mod in model.modules():
-        if isinstance(mod, nn.Linear):
-            key = (tuple(mod.weight.shape), _has_int4(mod))
-            counts[key] += 1
-            first.setdefault(key, mod)
+    for mod in _linears(model):
+        key = (mod.out_features, mod.in_features, _compact(mod))
+        counts[key] += 1
+        first.setdefault(key, mod)
     return [(first[k], c) for k, c in counts.items()]
 
 
-def int4_path_bytes(model: nn.Module) -> Optional[int]:
-    """Bytes a few-token step reads when the model's Linear layers use their packed
-    int4 weights (baton's small-batch path); None if the model has none."""
-    if not any(_has_int4(m) for m in model.modules()):
+def compact_path_bytes(model: nn.Module) -> Optional[int]:
+    """Bytes a decode step reads when the Linear layers use their kernels' compact
+    weights; None if the model has none."""
+    if not any(_compact(m) for m in model.modules()):
         return None
     seen, total = set(), 0
-    for mod in model.modules():
-        if isinstance(mod, nn.Linear):
-            if _has_int4(mod):
-                total += mod.kernel.nbytes
-            elif mod.weight.data_ptr() not in seen:
-                total += mod.weight.numel() * mod.weight.element_size()
-            seen.add(mod.weight.data_ptr())
+    for mod in _linears(model):
+        if _compact(mod):
+            total += mod.kernel.nbytes
+        elif mod.weight.data_ptr() not in seen:
+            total += mod.weight.numel() * mod.weight.element_size()
+        seen.add(mod.weight.data_ptr())
     return total
 
 
@@ -104,11 +103,11 @@ def gemm_step_time(model: nn.Module, batch: int, dtype: torch.dtype, min_time: f
     """One token-step's GEMMs at `batch` rows on the real weights: the faster of
     dense F.linear and oneDNN's prepacked GEMM (the machine's best dense kernel we
     know for these shapes), or (own_kernels) each Linear module's own forward,
-    which may pick packed int4."""
+    which may pick its compact weights (packed int4, quantized blocks, bf16)."""
     groups = model_linear_groups(model)
     total_t, total_flops = 0.0, 0
     for mod, count in groups:
-        w = mod.weight.detach().to(dtype)
+        w = mod.dense_weight().detach().to(dtype)
         x = torch.randn(batch, w.shape[1], dtype=dtype)
         share = min_time / max(len(groups), 1)
         if own_kernels:
@@ -146,9 +145,9 @@ def measure(model: nn.Module, dtype: Optional[torch.dtype] = None, batches: Iter
     sizes = model_sizes(model)
     min_time = 0.05 if quick else 0.2
     gemm = [gemm_step_time(model, b, dtype, min_time) for b in sorted(set(batches))]
-    int4_bytes = int4_path_bytes(model)
-    if int4_bytes is not None:
-        # the model's own Linear forward (packed int4 for few-token steps, dense otherwise)
+    compact_bytes = compact_path_bytes(model)
+    if compact_bytes is not None:
+        # the model's own Linear forward (its kernels' compact weights where they run)
         for g in gemm:
             own = gemm_step_time(model, g["batch"], dtype, min_time, own_kernels=True)
             g["own_kernels_step_gemm_time_s"] = own["step_gemm_time_s"]
@@ -167,8 +166,8 @@ def measure(model: nn.Module, dtype: Optional[torch.dtype] = None, batches: Iter
         "compute_ceiling_tok_s": big["gflops"] * 1e9 / sizes["flops_per_token"],
         "compute_ceiling_batch": big["batch"],
         "bandwidth_ceiling_tok_s_per_row": bw * 1e9 / sizes["weight_bytes"],
-        "int4_path_weight_bytes": int4_bytes,
-        "int4_path_bandwidth_ceiling_tok_s_per_row": bw * 1e9 / int4_bytes if int4_bytes else None,
+        "compact_path_weight_bytes": compact_bytes,
+        "compact_path_bandwidth_ceiling_tok_s_per_row": bw * 1e9 / compact_bytes if compact_bytes else None,
     }
 
 

@@ -82,6 +82,14 @@ class Linear(nn.Linear):
 
     kernel: Optional[Callable[[torch.Tensor], torch.Tensor]] = None
 
+    def dense_weight(self) -> torch.Tensor:
+        """The layer's weight values as a dense [out, in] tensor: the parameter, or,
+        where the platform's kernel holds them instead (quantized blocks, bf16
+        values) and the parameter was freed, the kernel's copy."""
+        if self.weight.numel() or self.kernel is None:
+            return self.weight
+        return self.kernel.dense_weight()
+
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         kernel = self.kernel
         if kernel is not None:

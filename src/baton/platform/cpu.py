@@ -22,7 +22,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from . import native as native_kernels
-from .quant import QuantWeights, quantize
+from .quant import QuantWeights, quantize, take_quantized_values
 
 # At or below this many tokens the int4 GEMV beats the dense GEMM (engine decode on
 # a Zen 5 host: batch 6 +10%, batch 8 +10-20%, batch 12 -5%).
@@ -142,6 +142,9 @@ class NativeQuantLinear:
     def nbytes(self) -> int:
         return sum(t.numel() * t.element_size() for t in self.args if isinstance(t, torch.Tensor))
 
+    def dense_weight(self) -> torch.Tensor:
+        return self.quant.dequantize()
+
     def __call__(self, x):
         return self.fn(x, *self.args, self.bias)
 
@@ -162,6 +165,9 @@ class Bf16WeightLinear:
     @property
     def nbytes(self) -> int:
         return self.weight.numel() * 2
+
+    def dense_weight(self) -> torch.Tensor:
+        return self.weight.float()
 
     def __call__(self, x):
         return self.fn(x, self.weight, self.bias)
@@ -227,7 +233,7 @@ def _is_tied(model, mod) -> bool:
 
 def _drop_weight(model, mod) -> None:
     """The kernel holds the layer's values: free the float32 copy (not a tied lm_head's,
-    which is the embedding)."""
+    which is the embedding). Linear.dense_weight() still gives the values."""
     if not _is_tied(model, mod):
         mod.weight = nn.Parameter(mod.weight.new_empty(0), requires_grad=False)
 
@@ -264,12 +270,11 @@ def prepare_model(model, quant_blocks: Optional[dict] = None, prepack: bool = Tr
         quant = None
         output_layer = mod is getattr(model, "lm_head", None)
         if quantization is not None and mod.in_features % 32 == 0:
-            # the output layer in 8 bits with float activations (llama.cpp keeps it wider too)
-            quant = quantize(mod.weight, "q8_0" if output_layer and native else KINDS[quantization])
             counts["quantized"] += 1
-            if not native:  # no kernel: the weight takes the quantized values (same results, no saving)
-                mod.weight.data.copy_(quant.dequantize().to(mod.weight.dtype))
-                quant = None
+            if native:  # the output layer in 8 bits with float activations (llama.cpp keeps it wider too)
+                quant = quantize(mod.weight, "q8_0" if output_layer else KINDS[quantization])
+            else:  # no kernel: the weight takes the quantized values, then the dense kernel below
+                take_quantized_values(mod, KINDS[quantization])
         elif quant_blocks:
             quant = quant_blocks.get(name)
             if quant is None and _is_tied(model, mod):

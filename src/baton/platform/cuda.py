@@ -31,12 +31,11 @@ def quantize_model(model, quantization: str) -> dict:
     (platform/quant.py), computed by cuBLAS in the model's dtype. The results are
     the quantized model's; no memory is saved (baton has no CUDA block kernels)."""
     from ..models.layers import Linear
-    from .quant import KINDS, quantize
+    from .quant import KINDS, take_quantized_values
 
     n = 0
     for mod in model.modules():
         if isinstance(mod, Linear) and mod.in_features % 32 == 0:
-            q = quantize(mod.weight, KINDS[quantization])
-            mod.weight.data.copy_(q.dequantize().to(mod.weight.device, mod.weight.dtype))
+            take_quantized_values(mod, KINDS[quantization])
             n += 1
     return {"prepacked": 0, "int4": 0, "quantized": n}

@@ -65,8 +65,9 @@ def kernels():
 
 
 def build(verbose: bool = False) -> Path:
-    """Compile the extension into BUILD_DIR with setuptools (no ninja needed); the
-    compiler's output is shown only with `verbose` (or when it fails)."""
+    """Compile the extension into BUILD_DIR with setuptools (no ninja needed);
+    setuptools' messages are shown with `verbose` or when it fails (ninja, where
+    present, prints its command line itself)."""
     from setuptools import setup
     from torch.utils.cpp_extension import BuildExtension, CppExtension
 

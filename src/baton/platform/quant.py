@@ -4,7 +4,8 @@ gets the same layout:
 
 - q4_1 (`--quantization int4`): per row, blocks of 32 weights as w = d * q + m,
   q in 0..15, packed two per byte (low nibbles elements 0..15 of the block, high
-  nibbles 16..31, as ggml stores them); d and m float32 per block.
+  nibbles 16..31, as ggml stores them); d and m per block, float16 values (as ggml
+  stores them) held as float32.
 - q8_0 (`--quantization int8`): w = d * q, q in -127..127, d = max|w| / 127.
 
 `dequantize()` is the eager reference; the CPU kernels (platform/native.py)
@@ -85,6 +86,13 @@ def quantize(w: torch.Tensor, kind: str) -> QuantWeights:
         packed = (q[..., :16] | (q[..., 16:] << 4)).reshape(n, k // 2)
         return QuantWeights("q4_1", packed.contiguous(), d.contiguous(), lo.contiguous())
     raise ValueError(f"unknown block format {kind!r}")
+
+
+def take_quantized_values(linear, kind: str) -> None:
+    """The layer's weight, in place, becomes its quantize -> dequantize values: the
+    quantized model's results where no kernel computes on the blocks (no saving)."""
+    q = quantize(linear.weight, kind)
+    linear.weight.data.copy_(q.dequantize().to(linear.weight.device, linear.weight.dtype))
 
 
 def from_gguf_blocks(kind: str, blocks: np.ndarray) -> QuantWeights:
