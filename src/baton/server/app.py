@@ -68,7 +68,7 @@ def default_served_model_name(model_path: Optional[str]) -> str:
 
 class ServerState:
     def __init__(self, engine, served_model_names: list[str], max_waiting: int, default_max_tokens: int,
-                 stats_interval: float, chat_template: Optional[str] = None):
+                 stats_interval: float, chat_template: Optional[str] = None, compute_thread=None):
         self.engine = engine
         self.chat_template = chat_template  # the server's --chat-template (text), over the model's
         self.served_model_names = served_model_names
@@ -78,7 +78,8 @@ class ServerState:
         self.token_text = TokenText(engine.tokenizer)
         self.async_engine: Optional[AsyncEngine] = None
         self.metrics = ServerMetrics(self)
-        self.async_engine = AsyncEngine(engine, self.metrics, stats_interval=stats_interval)
+        self.async_engine = AsyncEngine(engine, self.metrics, stats_interval=stats_interval,
+                                        compute_thread=compute_thread)
 
     @property
     def model_name(self) -> str:
@@ -137,7 +138,7 @@ class ServerState:
         """Queue a request; `renames` maps the engine's field names to the
         request's (a chat prompt is `messages`), so a 400 names the right one."""
         ae = self.async_engine
-        if ae._thread is None and not ae.draining:  # app served without lifespan events
+        if not ae.started and not ae.draining:  # app served without lifespan events
             ae.start(asyncio.get_running_loop())
         try:
             return await ae.submit(request_id, prepare, self.max_waiting)
@@ -337,7 +338,8 @@ def create_app(engine, served_model_name: Union[str, list[str], None] = None, ap
                max_waiting: int = DEFAULT_MAX_WAITING, default_max_tokens: int = DEFAULT_MAX_TOKENS,
                metrics_api_key: Optional[str] = None, max_request_bytes: int = DEFAULT_MAX_REQUEST_BYTES,
                body_timeout: float = DEFAULT_BODY_TIMEOUT, stats_interval: float = 10.0,
-               chat_template: Optional[str] = None, allowed_origins: Optional[list[str]] = None) -> FastAPI:
+               chat_template: Optional[str] = None, allowed_origins: Optional[list[str]] = None,
+               compute_thread=None) -> FastAPI:
     """An app serving `engine`. Its engine thread starts with the app (lifespan
     startup) and stops on shutdown; one app at a time per engine.
 
@@ -346,7 +348,9 @@ def create_app(engine, served_model_name: Union[str, list[str], None] = None, ap
     received within body_timeout seconds 408. stats_interval: seconds between the
     engine's stats log lines while busy (0: none). chat_template: a template (a
     built-in name, a file or jinja text) used instead of the model's. allowed_origins:
-    browser origins allowed by CORS (none by default; ["*"] for any)."""
+    browser origins allowed by CORS (none by default; ["*"] for any). compute_thread:
+    the ComputeThread that loaded the engine's model, to step the engine on (see
+    platform/compute_thread.py; default: a thread of its own)."""
     if max_waiting < 0:
         raise ValueError(f"max_waiting must be >= 0; got {max_waiting}")
     if default_max_tokens < 1:
@@ -354,7 +358,7 @@ def create_app(engine, served_model_name: Union[str, list[str], None] = None, ap
     names = served_model_name or default_served_model_name(engine.config.model)
     names = [names] if isinstance(names, str) else list(names)
     template = load_chat_template(chat_template) if chat_template else None
-    state = ServerState(engine, names, max_waiting, default_max_tokens, stats_interval, template)
+    state = ServerState(engine, names, max_waiting, default_max_tokens, stats_interval, template, compute_thread)
 
     @contextlib.asynccontextmanager
     async def lifespan(app):

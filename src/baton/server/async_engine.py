@@ -3,6 +3,8 @@
     handlers (event loop) --submit--> executor thread: tokenize + engine.add_request
                           --abort---> pending-abort list, applied at the next iteration boundary
     engine thread: loop { apply aborts; step(); hand outputs to the event loop }
+                   (a ComputeThread: the one that loaded the model, where the
+                   caller passes it, so the forward runs at its offline speed)
                    sleeps on a threading.Event when the engine holds no work (no busy-wait),
                    and logs a stats line every `stats_interval` seconds while busy
     outputs reach the event loop with one loop.call_soon_threadsafe per iteration,
@@ -19,6 +21,7 @@ from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from typing import Callable, Optional
 
+from ..platform.compute_thread import ComputeThread
 from ..sampling import SamplingParams
 
 log = logging.getLogger("baton.server")
@@ -87,8 +90,10 @@ class RequestStream:
 
 
 class AsyncEngine:
-    def __init__(self, engine, metrics=None, executor_workers: int = 4, stats_interval: float = 10.0):
+    def __init__(self, engine, metrics=None, executor_workers: int = 4, stats_interval: float = 10.0,
+                 compute_thread: Optional[ComputeThread] = None):
         self.engine = engine
+        self._compute = compute_thread  # None: the engine loop gets a thread of its own
         self.metrics = metrics
         self.loop: Optional[asyncio.AbstractEventLoop] = None
         self._streams: dict[str, RequestStream] = {}
@@ -96,7 +101,7 @@ class AsyncEngine:
         self._lock = threading.Lock()   # guards _streams and _pending_aborts
         self._wake = threading.Event()
         self._stop = threading.Event()
-        self._thread: Optional[threading.Thread] = None
+        self._running = None  # the engine loop's Future on the compute thread
         self._executor = ThreadPoolExecutor(max_workers=executor_workers, thread_name_prefix="baton-add")
         self.draining = False
         self.stats: dict = engine.stats()  # snapshot refreshed by the engine thread after every iteration
@@ -107,18 +112,24 @@ class AsyncEngine:
 
     # ------------------------------------------------------------ lifecycle
     def start(self, loop: asyncio.AbstractEventLoop) -> None:
-        if self._thread is not None:
+        if self._running is not None:
             return
         if getattr(self.engine, "_baton_async_engine", None) not in (None, self):
             raise RuntimeError("this LLMEngine is already driven by another server; one server per engine")
         self.engine._baton_async_engine = self
         self.loop = loop
-        self._thread = threading.Thread(target=self._run, name="baton-engine", daemon=True)
-        self._thread.start()
+        self._own_compute = self._compute is None
+        if self._own_compute:
+            self._compute = ComputeThread("baton-engine")
+        self._running = self._compute.submit(self._run)
+
+    @property
+    def started(self) -> bool:
+        return self._running is not None
 
     @property
     def alive(self) -> bool:
-        return self._thread is not None and self._thread.is_alive()
+        return self._running is not None and not self._running.done()
 
     def drain(self) -> None:
         """Refuse new requests and abort every in-flight one (they finish with
@@ -136,10 +147,13 @@ class AsyncEngine:
         self.drain()  # requests whose add finished while we waited
         self._stop.set()
         self._wake.set()
-        if self._thread is not None:
-            self._thread.join(timeout)
-            if self._thread.is_alive():
+        if self._running is not None:
+            try:
+                self._running.result(timeout)
+            except TimeoutError:
                 log.error("engine thread did not stop within %.0f s", timeout)
+            if self._own_compute:
+                self._compute.close()
         if getattr(self.engine, "_baton_async_engine", None) is self:
             self.engine._baton_async_engine = None
 

@@ -89,6 +89,7 @@ def parse_origins(value):
 def cmd_serve(args) -> int:
     from ..cli_args import engine_kwargs
     from ..engine import EngineConfig, LLMEngine
+    from ..platform.compute_thread import ComputeThread
     from .app import BatonServer, bind_socket, create_app, server_config
 
     _check_flags(args)  # before anything slow
@@ -105,12 +106,14 @@ def cmd_serve(args) -> int:
     except OSError as e:
         raise ValueError(f"cannot listen on {args.host}:{args.port}: {e.strerror or e}") from None
     log.info("listening on %s:%d; loading the model ...", args.host, args.port)
-    engine = LLMEngine(EngineConfig(**engine_kwargs(args)))
+    # The model is loaded on the thread that will step the engine (platform/compute_thread.py).
+    compute = ComputeThread("baton-engine")
+    engine = compute.call(lambda: LLMEngine(EngineConfig(**engine_kwargs(args))))
     app = create_app(engine, served_model_name=args.served_model_name, api_key=args.api_key,
                      metrics_api_key=args.metrics_api_key, max_waiting=args.max_waiting,
                      default_max_tokens=args.default_max_tokens, max_request_bytes=args.max_request_bytes,
                      body_timeout=args.body_timeout, stats_interval=args.log_stats_interval,
-                     chat_template=args.chat_template, allowed_origins=origins)
+                     chat_template=args.chat_template, allowed_origins=origins, compute_thread=compute)
     state = app.state.baton
     server = BatonServer(server_config(app, host=args.host, port=args.port, log_level=args.log_level,
                                        header_timeout=args.header_timeout, max_connections=args.max_connections))
